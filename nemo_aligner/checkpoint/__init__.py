@@ -1,0 +1,1 @@
+"""Checkpoint file formats: the NeMo `.nemo` container (config, artifacts, weights layouts)."""

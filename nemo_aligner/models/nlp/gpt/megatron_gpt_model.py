@@ -1,0 +1,374 @@
+"""``MegatronGPTModel``: our slim base for every GPT model of the library (NeMo's was removed upstream).
+
+A LightningModule that owns a megatron-core ``GPTModel`` (at attribute ``model``, so weight names match
+NeMo's ``model.decoder.layers...``), its tokenizer and its NeMo-style config. It gives the pieces every
+algorithm needs: forward, per-token log-probs, state-dict helpers, distributed (sharded) checkpoints and
+``.nemo`` save/restore. Loops live in ``nemo_aligner/algorithms``; losses in the subclasses and ``losses/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from nemo_aligner.checkpoint import nemo_file
+from nemo_aligner.models.nlp.gpt.model_config import layer_spec, padded_vocab_size, transformer_config_from_model_cfg
+from nemo_aligner.tokenizers import Tokenizer, build_tokenizer
+from nemo_aligner.utils import mcore_compat
+from nemo_aligner.utils.distributed import initialize_distributed, is_global_rank_zero
+from nemo_aligner.utils.logprobs import shifted_logprobs
+from nemo_aligner.utils.optimization import build_lr_scheduler, build_optimizer, ddp_config_for
+
+# forward_step(model, batch) -> (output_tensor, loss_func); loss_func(output) -> (loss_sum, count, metrics)
+ForwardStep = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Callable]]
+
+logger = logging.getLogger(__name__)
+
+
+def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[1, 1, S, S]`` bool mask, True where attention is *not* allowed (megatron's convention)."""
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+
+
+class MegatronGPTModel(LightningModule):
+    """A megatron-core GPT built from a NeMo model config (``model_config.yaml`` keys).
+
+    Args:
+        cfg: the model config (``num_layers``, ``hidden_size``, ``tokenizer``, ...).
+        trainer: the Lightning trainer that launched the job (optional; loops are ours).
+        tokenizer: an already-built tokenizer; built from ``cfg.tokenizer`` when omitted.
+    """
+
+    def __init__(self, cfg: DictConfig | dict, trainer: Any = None, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.cfg = cfg
+        self._launcher = trainer
+        initialize_distributed(
+            tensor_model_parallel_size=cfg.get("tensor_model_parallel_size", 1) or 1,
+            pipeline_model_parallel_size=cfg.get("pipeline_model_parallel_size", 1) or 1,
+            seed=cfg.get("seed", 1234),
+        )
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer)
+        self._artifact_dir: str | None = None  # owned copy of a restored checkpoint's tokenizer files
+        self.padded_vocab_size = padded_vocab_size(
+            self.tokenizer.vocab_size,
+            cfg.get("make_vocab_size_divisible_by", 128) or 128,
+            parallel_state.get_tensor_model_parallel_world_size(),
+        )
+        self.transformer_config = transformer_config_from_model_cfg(cfg)
+        # Same initial weights on every TP layout (use_cpu_initialization), from the configured seed.
+        torch.manual_seed(cfg.get("seed", 1234))
+        self.model = mcore_compat.GPTModel(
+            config=self.transformer_config,
+            transformer_layer_spec=layer_spec(cfg, self.transformer_config),
+            vocab_size=self.padded_vocab_size,
+            max_sequence_length=cfg.get("max_position_embeddings") or cfg.encoder_seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.get("share_embeddings_and_output_weights", True),
+            position_embedding_type=cfg.get("position_embedding_type", "learned_absolute"),
+            rotary_percent=cfg.get("rotary_percentage", 1.0),
+            rotary_base=cfg.get("rotary_base", 10000),
+            seq_len_interpolation_factor=cfg.get("seq_len_interpolation_factor"),
+        )
+
+    # ------------------------------------------------------------------ forward and log-probs
+    @property
+    def encoder_seq_length(self) -> int:
+        return int(self.cfg.encoder_seq_length)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Vocab-parallel logits ``[B, S, V_padded / TP]`` (a single pipeline stage; see the schedules otherwise).
+
+        ``attention_mask`` is megatron's bool mask (True = blocked), ``[1|B, 1, S, S]``; causal by default.
+        Right padding needs no extra mask: padded positions come after every real token.
+        """
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids)
+        if attention_mask is None:
+            attention_mask = causal_attention_mask(input_ids.shape[1], input_ids.device)
+        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+
+    def get_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-token log-probs ``[B, S-1]``: entry t is ``log p(input_ids[:, t+1] | input_ids[:, :t+1])``."""
+        return shifted_logprobs(self(input_ids, position_ids, attention_mask), input_ids)
+
+    # ------------------------------------------------------------------ training
+    def setup_optimization(self, optim_cfg: DictConfig | dict, max_steps: int, gradient_clip_val: float = 0.0):
+        """Wrap the model in megatron-core's DDP and build its optimizer and LR schedule.
+
+        Losses are reported to megatron's schedules as ``(sum, count)`` and gradients are divided by the count
+        summed over the whole global batch (all micro batches and data-parallel ranks), so a step does not
+        depend on the micro batch size or the number of data-parallel ranks.
+        """
+        config = self.transformer_config
+        config.calculate_per_token_loss = True
+        ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config_for(optim_cfg), module=self.model)
+        # A list keeps the wrapper out of this module's registered children (and out of its state dict).
+        self.ddp_model_chunks = [ddp_model]
+        self.optimizer = build_optimizer(optim_cfg, config, self.ddp_model_chunks, gradient_clip_val)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, optim_cfg, max_steps)
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.no_sync_func = ddp_model.no_sync
+        return self.optimizer, self.lr_scheduler
+
+    def model_chunks(self) -> list[torch.nn.Module]:
+        return getattr(self, "ddp_model_chunks", None) or [self.model]
+
+    def forward_backward(
+        self,
+        microbatches: Iterable[Any],
+        num_microbatches: int,
+        forward_step: ForwardStep,
+        forward_only: bool,
+        seq_length: int,
+        micro_batch_size: int,
+    ) -> list[dict]:
+        """Run megatron-core's (pipeline) schedule over ``microbatches``; returns each micro batch's metrics.
+
+        Every pipeline stage reads the same micro batches. Metrics come only from the last stage.
+        """
+        data_iterator = iter(microbatches)
+
+        def step_func(iterator, model):
+            return forward_step(model, next(iterator))
+
+        return get_forward_backward_func()(
+            forward_step_func=step_func,
+            data_iterator=data_iterator,
+            model=self.model_chunks(),
+            num_microbatches=num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def zero_grad_buffers(self) -> None:
+        for chunk in self.model_chunks():
+            if hasattr(chunk, "zero_grad_buffer"):
+                chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def optimizer_step(self) -> tuple[bool, float | None]:
+        """One optimizer + LR-schedule step; returns (whether the update happened, gradient norm)."""
+        success, grad_norm, _ = self.optimizer.step()
+        if success:
+            self.lr_scheduler.step(increment=1)
+        return success, grad_norm
+
+    # ------------------------------------------------------------------ state dicts
+    def sharded_state_dict(self, prefix: str = "") -> dict:
+        """megatron-core sharded state dict of the weights, with NeMo's names (``model.decoder...``)."""
+        return self.model.sharded_state_dict(prefix=f"{prefix}model.")
+
+    def model_state_dict_in_cpu(self) -> dict[str, torch.Tensor]:
+        """A detached CPU copy of this rank's weights (the reference-policy snapshot of DPO/SPIN)."""
+        state = self.model.state_dict(prefix="model.")
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+    def load_model_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Copy ``model.*`` weights (as from :meth:`model_state_dict_in_cpu`) into this rank's model."""
+        prefix = "model."
+        own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        self.model.load_state_dict(own, strict=strict)
+
+    def load_weights_from_distributed_checkpoint(self, weights_dir: str | Path, strict: bool = True) -> None:
+        """Load weights saved with megatron-core distributed checkpointing (any TP/PP layout) into this model."""
+        from megatron.core.dist_checkpointing.validation import StrictHandling
+
+        _check_stored_shapes(self.sharded_state_dict(), Path(weights_dir))
+        sharded = self.sharded_state_dict()
+        strictness = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_UNEXPECTED
+        loaded = dist_checkpointing.load(sharded, str(weights_dir), strict=strictness)
+        self.load_model_state_dict(loaded, strict=strict)
+
+    def save_weights_to_distributed_checkpoint(self, weights_dir: str | Path) -> None:
+        """Write this model's weights (every rank's shard) as a torch_dist checkpoint; a collective call."""
+        Path(weights_dir).mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(self.sharded_state_dict(), str(weights_dir))
+
+    # ------------------------------------------------------------------ .nemo files
+    def save_to(self, save_path: str | Path, packed: bool = True) -> None:
+        """Write this model as a NeMo-compatible ``.nemo`` (tar; or a directory with ``packed=False``).
+
+        A collective call: every rank writes its weight shards into the staging directory that rank 0 creates,
+        then rank 0 packs it. The file appears atomically, whatever happens mid-way.
+        """
+        import torch.distributed as dist
+
+        cfg, artifacts = self._config_and_artifacts_for_saving()
+        if dist.get_world_size() == 1:
+            nemo_file.save_nemo(save_path, cfg, self.save_weights_to_distributed_checkpoint, artifacts, packed=packed)
+            return
+
+        def write_weights_collectively(weights_dir: Path) -> None:
+            dist.broadcast_object_list([str(weights_dir)], src=0)
+            self.save_weights_to_distributed_checkpoint(weights_dir)
+            dist.barrier()
+
+        if is_global_rank_zero():
+            nemo_file.save_nemo(save_path, cfg, write_weights_collectively, artifacts, packed=packed)
+        else:
+            received = [None]
+            dist.broadcast_object_list(received, src=0)
+            self.save_weights_to_distributed_checkpoint(received[0])
+            dist.barrier()
+        dist.barrier()
+
+    def _config_and_artifacts_for_saving(self) -> tuple[DictConfig, dict[str, str]]:
+        """The config to store and the tokenizer files that travel with it as ``nemo:`` artifacts."""
+        cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
+        artifacts: dict[str, str] = {}
+        tokenizer_cfg = cfg.get("tokenizer") or {}
+        for key in ("model", "vocab_file", "merge_file", "type"):
+            value = tokenizer_cfg.get(key)
+            if not isinstance(value, str):
+                continue
+            path = Path(value)
+            if path.is_dir() and (path / "tokenizer.json").is_file():
+                # A saved HF tokenizer directory travels as its tokenizer.json plus the named special tokens.
+                path = path / "tokenizer.json"
+                hf = getattr(self.tokenizer, "tokenizer", None)
+                with open_dict(cfg):
+                    for token_key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+                        token = getattr(hf, token_key, None)
+                        if isinstance(token, str) and tokenizer_cfg.get(token_key) is None:
+                            cfg.tokenizer[token_key] = token
+            if path.is_file():
+                artifacts[f"tokenizer.{key}"] = str(path)
+        return cfg, artifacts
+
+    @classmethod
+    def restore_from(
+        cls,
+        restore_path: str | Path,
+        override_config_path: DictConfig | dict | str | Path | None = None,
+        trainer: Any = None,
+        strict: bool = True,
+        return_config: bool = False,
+        **model_kwargs: Any,
+    ):
+        """Build a model from a ``.nemo`` file or directory and load its weights (at any TP/PP layout).
+
+        ``override_config_path`` is a full model config (object or YAML path) used instead of the stored one, as
+        in NeMo; see :func:`nemo_aligner.utils.utils.load_and_override_model_config` to merge overrides instead.
+        With ``return_config=True`` only the stored config is returned (nothing is built).
+        """
+        with nemo_file.open_nemo(restore_path) as unpacked:
+            stored_cfg = nemo_file.read_model_config(unpacked)
+            if return_config:
+                return stored_cfg
+            cfg = _as_config(override_config_path) if override_config_path is not None else stored_cfg
+            artifact_dir = tempfile.mkdtemp(prefix="nemo_aligner_artifacts_")
+            cfg = _with_owned_artifacts(cfg, unpacked, artifact_dir)
+            layout = nemo_file.detect_weights_layout(unpacked)
+            model = cls(cfg, trainer=trainer, **model_kwargs)
+            model._artifact_dir = artifact_dir
+            weakref.finalize(model, shutil.rmtree, artifact_dir, True)
+            model._load_weights_from_unpacked(unpacked, layout, strict, source=restore_path)
+        logger.info("Restored %s from %s", cls.__name__, restore_path)
+        return model
+
+    def _load_weights_from_unpacked(self, unpacked: Path, layout: str, strict: bool, source) -> None:
+        try:
+            if layout == "torch_dist":
+                self.load_weights_from_distributed_checkpoint(unpacked / nemo_file.MODEL_WEIGHTS_DIR, strict=strict)
+                return
+            tp, pp = (
+                parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size(),
+            )
+            state_dict = nemo_file.load_legacy_state_dict(
+                unpacked,
+                tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                tp_size=tp,
+                pp_size=pp,
+            )
+            self.load_model_state_dict(nemo_file.strip_o2_prefix(state_dict), strict=strict)
+        except nemo_file.NemoFormatError as err:
+            raise nemo_file.NemoFormatError(f"{source}: {err}") from None
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise nemo_file.NemoFormatError(
+                f"{source}: the stored weights do not fit the model built from its config "
+                f"(architecture or shape mismatch): {err}"
+            ) from err
+
+
+def _check_stored_shapes(sharded_state_dict: dict, weights_dir: Path) -> None:
+    """Compare the global shapes the model expects with those stored, and name every mismatch.
+
+    megatron-core's loader fails on a mismatch with an unrelated assertion; this check runs first.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    stored = nemo_file.read_dcp_metadata(weights_dir).state_dict_metadata
+    apply_factories(sharded_state_dict)
+    problems = []
+    for sharded in nested_values(sharded_state_dict):
+        if not isinstance(sharded, ShardedTensor):
+            continue
+        if sharded.key not in stored:
+            problems.append(f"{sharded.key}: expected by the config, absent from the checkpoint")
+        elif (found := tuple(stored[sharded.key].size)) != (needed := tuple(sharded.global_shape)):
+            problems.append(f"{sharded.key}: checkpoint has {found}, config needs {needed}")
+    if problems:
+        raise nemo_file.NemoFormatError(
+            f"{weights_dir}: the stored weights do not fit the model built from its config "
+            f"(architecture or shape mismatch):\n  " + "\n  ".join(sorted(set(problems)))
+        )
+
+
+def _as_config(value: DictConfig | dict | str | Path) -> DictConfig:
+    if isinstance(value, (str, Path)):
+        return OmegaConf.load(value)
+    return value if isinstance(value, DictConfig) else OmegaConf.create(value)
+
+
+def _with_owned_artifacts(cfg: DictConfig, unpacked: Path, artifact_dir: str) -> DictConfig:
+    """Copy the ``nemo:`` artifacts the config refers to into ``artifact_dir`` and point the config at them.
+
+    The unpacked tar is temporary; the model keeps its tokenizer files so it can be saved again later.
+    """
+    resolved = nemo_file.resolve_artifact_paths(cfg, unpacked)
+    original = OmegaConf.to_container(cfg, resolve=False)
+    tokenizer = resolved.get("tokenizer") or {}
+    for key, value in tokenizer.items() if tokenizer else []:
+        raw = (original.get("tokenizer") or {}).get(key)
+        if isinstance(raw, str) and raw.startswith(nemo_file.ARTIFACT_PREFIX):
+            # Drop the uuid prefix of the stored name; saving adds a fresh one.
+            target = Path(artifact_dir) / re.sub(r"^[0-9a-f]{32}_", "", Path(value).name)
+            shutil.copyfile(value, target)
+            resolved.tokenizer[key] = str(target)
+    return resolved

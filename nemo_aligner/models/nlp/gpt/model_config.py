@@ -1,0 +1,142 @@
+"""From a NeMo-style model config (``model_config.yaml`` keys) to megatron-core's ``TransformerConfig`` and specs.
+
+The keys are those NeMo users know (``../docs/checkpoints.md`` lists them); values that a checkpoint leaves out
+take NeMo's defaults, so ``.nemo`` files written by NeMo load with the architecture they were trained with.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core.activations import squared_relu
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnBackend
+
+from nemo_aligner.models.nlp.gpt.norms import Norm
+from nemo_aligner.utils import mcore_compat
+
+logger = logging.getLogger(__name__)
+
+# activation name -> (function, gated linear unit)
+ACTIVATIONS = {
+    "gelu": (F.gelu, False),
+    "geglu": (F.gelu, True),
+    "swiglu": (F.silu, True),
+    "fast-swiglu": (F.silu, True),
+    "squared-relu": (squared_relu, False),
+    "relu": (F.relu, False),
+}
+NORMALIZATIONS = {"layernorm": ("LayerNorm", False), "layernorm1p": ("LayerNorm", True), "rmsnorm": ("RMSNorm", False)}
+POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
+    value = cfg.get(key, default)
+    return default if value is None else value
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
+    """Vocabulary rows of the embedding: rounded up to a multiple of ``divisible_by * TP``, as NeMo does."""
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def params_dtype(cfg: Mapping[str, Any]) -> torch.dtype:
+    """Parameter dtype: bf16/fp16 weights only with ``megatron_amp_O2``; mixed precision keeps fp32 weights."""
+    precision = str(_get(cfg, "precision", 32))
+    if not cfg.get("megatron_amp_O2", False):
+        return torch.float32
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return torch.float32
+
+
+def transformer_config_from_model_cfg(cfg: Mapping[str, Any]) -> TransformerConfig:
+    """Build megatron-core's ``TransformerConfig`` from a NeMo model config."""
+    activation = _get(cfg, "activation", "gelu")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"model.activation={activation!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+    normalization = _get(cfg, "normalization", "layernorm")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"model.normalization={normalization!r} is not supported; choose one of {sorted(NORMALIZATIONS)}"
+        )
+    position = _get(cfg, "position_embedding_type", "learned_absolute")
+    if position not in POSITION_EMBEDDINGS:
+        raise ValueError(f"model.position_embedding_type={position!r} is not supported; choose {POSITION_EMBEDDINGS}")
+    activation_func, gated = ACTIVATIONS[activation]
+    norm_name, zero_centered = NORMALIZATIONS[normalization]
+    hidden_size = cfg["hidden_size"]
+    num_heads = cfg["num_attention_heads"]
+    dtype = params_dtype(cfg)
+    bias = _get(cfg, "bias", True)
+    precision = str(_get(cfg, "precision", 32))
+    return TransformerConfig(
+        num_layers=cfg["num_layers"],
+        hidden_size=hidden_size,
+        ffn_hidden_size=_get(cfg, "ffn_hidden_size", 4 * hidden_size),
+        num_attention_heads=num_heads,
+        num_query_groups=cfg.get("num_query_groups") or num_heads,
+        kv_channels=cfg.get("kv_channels") or hidden_size // num_heads,
+        hidden_dropout=_get(cfg, "hidden_dropout", 0.1),
+        attention_dropout=_get(cfg, "attention_dropout", 0.1),
+        layernorm_epsilon=_get(cfg, "layernorm_epsilon", 1e-5),
+        layernorm_zero_centered_gamma=zero_centered,
+        normalization=norm_name,
+        add_bias_linear=bias,
+        add_qkv_bias=_get(cfg, "qkv_bias", bias),
+        gated_linear_unit=gated,
+        activation_func=activation_func,
+        init_method_std=_get(cfg, "init_method_std", 0.02),
+        apply_query_key_layer_scaling=_get(cfg, "apply_query_key_layer_scaling", False),
+        attention_softmax_in_fp32=True,
+        fp32_residual_connection=_get(cfg, "fp32_residual_connection", False),
+        bias_activation_fusion=_get(cfg, "bias_activation_fusion", False),
+        bias_dropout_fusion=_get(cfg, "bias_dropout_add_fusion", False),
+        masked_softmax_fusion=_get(cfg, "masked_softmax_fusion", False),
+        apply_rope_fusion=_get(cfg, "apply_rope_fusion", False),
+        gradient_accumulation_fusion=_get(cfg, "gradient_accumulation_fusion", False),
+        persist_layer_norm=False,
+        tensor_model_parallel_size=_get(cfg, "tensor_model_parallel_size", 1),
+        pipeline_model_parallel_size=_get(cfg, "pipeline_model_parallel_size", 1),
+        sequence_parallel=_get(cfg, "sequence_parallel", False),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision.startswith("bf16"),
+        fp16=precision.startswith("16"),
+        autocast_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
+        use_cpu_initialization=True,
+        attention_backend=AttnBackend.auto if _use_te(cfg) else AttnBackend.local,
+        batch_p2p_comm=_get(cfg, "batch_p2p_comm", True),
+        deallocate_pipeline_outputs=False,
+    )
+
+
+def _use_te(cfg: Mapping[str, Any]) -> bool:
+    wanted = bool(cfg.get("transformer_engine", False))
+    if wanted and not mcore_compat.have_transformer_engine():
+        logger.warning("model.transformer_engine=True but TransformerEngine is not importable: using the local spec")
+        return False
+    return wanted
+
+
+def layer_spec(cfg: Mapping[str, Any], config: TransformerConfig):
+    """The transformer-block spec: TransformerEngine's on request (and when importable), else the local one.
+
+    The local spec is megatron-core's with its norms replaced by :class:`Norm` (zero-centred gamma and sequence
+    parallelism work without apex or TE).
+    """
+    if _use_te(cfg):
+        return mcore_compat.te_layer_spec()
+    spec = copy.deepcopy(mcore_compat.get_gpt_layer_local_spec())
+    spec.submodules.input_layernorm = Norm
+    spec.submodules.pre_mlp_layernorm = Norm
+    num_layers = mcore_compat.get_num_layers_to_build(config)
+    return mcore_compat.TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=Norm)

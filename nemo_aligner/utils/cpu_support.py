@@ -1,0 +1,148 @@
+"""CPU support for megatron-core: the one place that makes megatron-core run without a GPU.
+
+megatron-core has no CPU switch; a few functions call CUDA unconditionally (facts in
+``docs/megatron_cpu.md``). When ``torch.cuda.is_available()`` is false, :func:`apply_cpu_support` patches
+exactly these things, and nothing else in the project branches on the device:
+
+* the RNG-state tracker (``tensor_parallel.random``) keeps CPU generator states instead of CUDA ones;
+* ``torch.cuda.current_device()`` answers ``"cpu"``, ``torch.cuda.synchronize()`` is a no-op, and
+  ``Tensor.cuda()`` / ``Tensor.pin_memory()`` return the CPU tensor;
+* a :class:`torch.overrides.TorchFunctionMode` rewrites ``device="cuda"`` arguments of tensor factories
+  (the causal mask, optimizer scalars, schedule counters) to the CPU and answers ``Tensor.type()`` with the
+  CUDA type name that megatron's optimizers check for;
+
+On a GPU machine the function returns without touching anything. ``PATCHED_NAMES`` lists every megatron
+name patched here; ``tests/utils/test_cpu_support.py`` fails loudly if an upgrade moves one of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+# (module, attribute) pairs of megatron-core that this module replaces or relies on.
+PATCHED_NAMES: tuple[tuple[str, str], ...] = (
+    ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker"),
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+)
+
+_FACTORIES = {
+    torch.empty,
+    torch.zeros,
+    torch.ones,
+    torch.full,
+    torch.tensor,
+    torch.arange,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.empty_like,
+    torch.zeros_like,
+    torch.ones_like,
+    torch.full_like,
+    torch.as_tensor,
+    torch.empty_strided,
+}
+_applied = False
+_lock = threading.Lock()
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device requests to the CPU.
+
+    It stays entered for the life of the process (on the thread that applied CPU support); the per-op cost
+    is one Python call, small next to the matrix products of even a tiny model.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if kwargs.get("pin_memory"):
+            kwargs = {**kwargs, "pin_memory": False}
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if _is_cuda_device(a) and not isinstance(a, int) else a for a in args)
+        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers only accept parameters whose type() names a CUDA tensor type.
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+def _make_cpu_tracker_class(base: type) -> type:
+    class CpuRNGStatesTracker(base):
+        """megatron's RNG tracker with CPU generator states (for dropout forks and seeding)."""
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            generator = torch.Generator().manual_seed(seed)
+            self.states_[name] = generator.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name: str = "model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+
+    return CpuRNGStatesTracker
+
+
+def process_group_backend() -> str:
+    """torch.distributed backend for this machine: NCCL with CUDA, gloo on the CPU."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def bind_local_device(local_rank: int) -> None:
+    """Give this process its own GPU (one rank per GPU); nothing to do on the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+
+
+def apply_cpu_support() -> bool:
+    """Make megatron-core usable on the CPU. Returns True if patches were applied (no CUDA), else False."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if _applied:
+            return True
+        from megatron.core.tensor_parallel import random as mcore_random
+
+        mcore_random.CudaRNGStatesTracker = _make_cpu_tracker_class(mcore_random.CudaRNGStatesTracker)
+        mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+        mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+        torch.cuda.current_device = lambda: "cpu"
+        torch.cuda.synchronize = lambda *args, **kwargs: None
+        torch.Tensor.cuda = lambda self, *args, **kwargs: self
+        torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+        _CudaToCpuMode().__enter__()
+        _applied = True
+        logger.info("No CUDA device: megatron-core runs on the CPU with nemo_aligner's CPU support.")
+    return True

@@ -1,0 +1,148 @@
+"""Process-group and model-parallel set-up shared by every entry point.
+
+One function, :func:`initialize_distributed`, covers the four ways a job starts:
+a plain ``python`` process (world size 1, no launcher), ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``),
+Lightning's launcher for ``trainer.devices=N`` (it exports the same variables), and Slurm ``srun``
+(``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``). The backend is NCCL when CUDA is available, else gloo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from nemo_aligner.utils.cpu_support import apply_cpu_support, bind_local_device, process_group_backend
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def first_host_of_slurm_nodelist(nodelist: str) -> str:
+    """First host name of a compressed Slurm node list, e.g. ``"gpu[003-007,010],cpu1" -> "gpu003"``."""
+    first = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
+    match = re.match(r"^([^\[,]+)(?:\[([^\]]+)\])?", first)
+    if match is None:
+        raise ValueError(f"Cannot parse SLURM_NODELIST={nodelist!r}")
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _slurm_port(job_id: str) -> int:
+    # Every task of a job derives the same port from the job id, and concurrent jobs on a node rarely collide.
+    return 20000 + int(job_id) % 20000 if job_id.isdigit() else DEFAULT_MASTER_PORT
+
+
+def resolve_rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
+    """Read rank, world size and rendezvous address from the launcher's environment variables.
+
+    ``torchrun``/Lightning variables win over Slurm's, so ``srun torchrun ...`` and Lightning under Slurm work.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return RankInfo(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        return RankInfo(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or (first_host_of_slurm_nodelist(nodelist) if nodelist else "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT") or _slurm_port(env.get("SLURM_JOB_ID", ""))),
+            source="slurm",
+        )
+    return RankInfo(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0) or 0), "single")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> RankInfo:
+    """Start torch.distributed and megatron-core's ``parallel_state`` for this process.
+
+    Safe to call again: an existing process group is reused, and model parallelism is re-initialised only
+    when the requested TP/PP sizes differ from the current ones.
+    """
+    apply_cpu_support()
+    info = resolve_rank_info()
+    if not dist.is_initialized():
+        port = info.master_port or _free_port()
+        backend = process_group_backend()
+        bind_local_device(info.local_rank)
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{info.master_addr}:{port}",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+        logger.info("torch.distributed: %s rank %d/%d (%s)", backend, info.rank, info.world_size, info.source)
+    initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size, seed)
+    return info
+
+
+def initialize_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, seed: int) -> None:
+    """(Re-)initialise megatron's TP/PP/DP groups and its model-parallel RNG streams."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    world_size = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world_size % model_parallel != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size ({tensor_model_parallel_size})"
+            f" x pipeline_model_parallel_size ({pipeline_model_parallel_size}); set model.tensor_model_parallel_size"
+            " and model.pipeline_model_parallel_size to fit the number of processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        same = (
+            parallel_state.get_tensor_model_parallel_world_size() == tensor_model_parallel_size
+            and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_model_parallel_size
+        )
+        if same:
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def is_global_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

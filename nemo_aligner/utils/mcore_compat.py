@@ -1,0 +1,72 @@
+"""The one place for megatron-core version differences.
+
+Written against megatron-core 0.16.1 (what Python 3.11 installs) and kept to APIs that NVIDIA's newer
+containers still ship. Everything else in the project imports megatron names from here or from stable modules
+(``parallel_state``, ``tensor_parallel``, ``dist_checkpointing``, ``optimizer``, ``pipeline_parallel``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import warnings
+
+from megatron.core import package_info
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+MCORE_VERSION: tuple[int, ...] = tuple(int(p) for p in package_info.__version__.split(".")[:2])
+
+__all__ = [
+    "GPTModel",
+    "MCORE_VERSION",
+    "TransformerBlockSubmodules",
+    "get_gpt_layer_local_spec",
+    "get_num_layers_to_build",
+    "have_transformer_engine",
+    "te_layer_spec",
+]
+
+
+def have_transformer_engine() -> bool:
+    """True when TransformerEngine is importable (an optional GPU accelerator)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def te_layer_spec():
+    """megatron-core's TransformerEngine layer spec (GPU only)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return get_gpt_layer_with_transformer_engine_spec()
+
+
+_write_results_queue = None
+
+
+def _in_process_write_results_queue():
+    """A fork-context queue for megatron's synchronous checkpoint writer.
+
+    megatron-core 0.16 creates this queue through a ``spawn``-started ``multiprocessing.Manager``, which costs
+    several seconds per process (the child re-imports torch) and re-runs an unguarded ``__main__``. Our saves
+    are synchronous, so the queue only passes results inside this process and its forked writers.
+    """
+    global _write_results_queue
+    if _write_results_queue is None:
+        _write_results_queue = multiprocessing.get_context("fork").Queue()
+    return _write_results_queue
+
+
+def _patch_checkpoint_writer() -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async._get_write_results_queue = _in_process_write_results_queue
+
+
+# megatron private names replaced here; tests/utils/test_mcore_compat.py checks they still exist.
+PATCHED_NAMES: tuple[tuple[str, str], ...] = (
+    ("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue"),
+)
+_patch_checkpoint_writer()

@@ -1,0 +1,95 @@
+"""Optimizer and learning-rate schedule from a NeMo ``model.optim`` config, on megatron-core's optimizer.
+
+``model.optim.name``: ``adam``/``adamw``/``fused_adam`` (megatron's Adam with decoupled weight decay) or
+``distributed_fused_adam`` (the same, sharded across data-parallel ranks: megatron's distributed optimizer).
+``model.optim.sched``: ``CosineAnnealing`` (warmup, cosine decay to ``min_lr``, then ``constant_steps`` at
+``min_lr``, as NeMo defines it), ``Constant``/``null``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+
+ADAM_NAMES = ("adam", "adamw", "fused_adam", "mcore_distributed_optim")
+DISTRIBUTED_NAMES = ("distributed_fused_adam", "mcore_distributed_optim")
+SCHEDULES = ("CosineAnnealing", "Constant", None)
+
+
+def uses_distributed_optimizer(optim_cfg: Mapping[str, Any]) -> bool:
+    return optim_cfg.get("name", "adam") in DISTRIBUTED_NAMES
+
+
+def ddp_config_for(optim_cfg: Mapping[str, Any]) -> DistributedDataParallelConfig:
+    """megatron DDP settings: fp32 gradient reduction; sharded optimizer state with the distributed optimizer."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=uses_distributed_optimizer(optim_cfg),
+    )
+
+
+def build_optimizer(
+    optim_cfg: Mapping[str, Any],
+    transformer_config: TransformerConfig,
+    ddp_model_chunks: list,
+    gradient_clip_val: float = 0.0,
+):
+    """megatron-core optimizer over DDP-wrapped model chunks (mixed precision follows the model config).
+
+    ``gradient_clip_val`` > 0 clips the global gradient norm (across all ranks) before each step.
+    """
+    name = optim_cfg.get("name", "adam")
+    if name not in ADAM_NAMES + DISTRIBUTED_NAMES:
+        raise ValueError(f"model.optim.name={name!r} is not supported; choose one of {ADAM_NAMES + DISTRIBUTED_NAMES}")
+    betas = list(optim_cfg.get("betas", (0.9, 0.999)))
+    sched = optim_cfg.get("sched") or {}
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=float(optim_cfg["lr"]),
+        min_lr=float(sched.get("min_lr", 0.0) or 0.0),
+        weight_decay=float(optim_cfg.get("weight_decay", 0.0)),
+        adam_beta1=float(betas[0]),
+        adam_beta2=float(betas[1]),
+        adam_eps=float(optim_cfg.get("eps", 1e-8)),
+        clip_grad=float(gradient_clip_val or 0.0),
+        bf16=transformer_config.bf16,
+        fp16=transformer_config.fp16,
+        params_dtype=transformer_config.params_dtype,
+        use_distributed_optimizer=uses_distributed_optimizer(optim_cfg),
+    )
+    return get_megatron_optimizer(config, ddp_model_chunks)
+
+
+def build_lr_scheduler(optimizer, optim_cfg: Mapping[str, Any], max_steps: int) -> OptimizerParamScheduler:
+    """megatron's parameter scheduler configured to reproduce NeMo's ``CosineAnnealing`` / ``Constant``."""
+    sched = optim_cfg.get("sched") or {}
+    name = sched.get("name")
+    if name not in SCHEDULES:
+        raise ValueError(f"model.optim.sched.name={name!r} is not supported; choose one of {SCHEDULES}")
+    lr = float(optim_cfg["lr"])
+    weight_decay = float(optim_cfg.get("weight_decay", 0.0))
+    if name == "CosineAnnealing":
+        warmup = int(sched.get("warmup_steps", 0) or 0)
+        decay_end = max(max_steps - int(sched.get("constant_steps", 0) or 0), warmup + 1)
+        style, min_lr = "cosine", float(sched.get("min_lr", 0.0) or 0.0)
+    else:
+        warmup, decay_end, style, min_lr = 0, max(max_steps, 1), "constant", lr
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup > 0 else lr,
+        max_lr=lr,
+        min_lr=min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=decay_end,
+        lr_decay_style=style,
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=max(max_steps, 1),
+        wd_incr_style="constant",
+    )

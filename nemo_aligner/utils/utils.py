@@ -1,0 +1,66 @@
+"""Helpers NeMo-Aligner users call from their own pipelines (same names and arguments as NeMo-Aligner)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from nemo_aligner.checkpoint import nemo_file
+
+# Keys NeMo adds when saving; they describe the file, not the model, and are dropped before merging overrides.
+_META_KEYS = ("target", "nemo_version")
+
+
+def load_checkpoint_model_config(restore_path: str | Path) -> DictConfig:
+    """The model config stored in a ``.nemo`` file or directory."""
+    with nemo_file.open_nemo(restore_path) as unpacked:
+        return nemo_file.read_model_config(unpacked)
+
+
+def load_and_override_model_config(
+    restore_path: str | Path, model_cfg_to_overwrite: DictConfig | dict, remove_meta_info: bool = True
+) -> DictConfig:
+    """The checkpoint's model config with the user's config merged on top (user keys win).
+
+    Architecture keys the user leaves out (``num_layers``, ``encoder_seq_length``, ``tokenizer``, ...) come from
+    the checkpoint, so an algorithm config only needs to name what it changes.
+    """
+    checkpoint_cfg = load_checkpoint_model_config(restore_path)
+    if remove_meta_info:
+        with open_dict(checkpoint_cfg):
+            for key in _META_KEYS:
+                checkpoint_cfg.pop(key, None)
+    with open_dict(checkpoint_cfg):
+        merged = OmegaConf.merge(checkpoint_cfg, model_cfg_to_overwrite)
+    return merged
+
+
+def load_from_nemo(
+    cls,
+    model_cfg: DictConfig | dict,
+    trainer: Any = None,
+    strict: bool = True,
+    modify_config_fn: Callable[[DictConfig, DictConfig], DictConfig] | None = None,
+    restore_path: str | Path | None = None,
+    return_updated_cfg: bool = False,
+    **model_kwargs: Any,
+):
+    """Restore ``cls`` from ``restore_path`` using ``model_cfg`` as the model config.
+
+    With ``modify_config_fn(checkpoint_cfg, model_cfg)`` the config used is what that function returns (e.g.
+    :func:`load_and_override_model_config`-style merging). Returns the model, or ``(model, cfg)`` with
+    ``return_updated_cfg=True``.
+    """
+    if restore_path is None:
+        raise ValueError("load_from_nemo: restore_path must name a .nemo file or directory")
+    if not Path(restore_path).exists():
+        raise FileNotFoundError(f"load_from_nemo: checkpoint not found: {restore_path}")
+    if modify_config_fn is not None:
+        model_cfg = modify_config_fn(load_checkpoint_model_config(restore_path), model_cfg)
+    model = cls.restore_from(
+        restore_path, override_config_path=model_cfg, trainer=trainer, strict=strict, **model_kwargs
+    )
+    return (model, model_cfg) if return_updated_cfg else model

@@ -1,0 +1,64 @@
+"""Shared test fixtures: tiny model configs and the NeMo-written golden files."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+NEMO_FIXTURES = FIXTURES / "nemo"
+NEMO_FIXTURE_NAMES = ("tiny_gpt_ln_gelu_abs", "tiny_gpt_rms_swiglu_rope_gqa", "tiny_gpt_ln_swiglu_rope50")
+
+TINY_MODEL_CFG = {
+    "mcore_gpt": True,
+    "num_layers": 2,
+    "hidden_size": 64,
+    "ffn_hidden_size": 128,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "encoder_seq_length": 64,
+    "max_position_embeddings": 64,
+    "position_embedding_type": "rope",
+    "rotary_base": 10000,
+    "rotary_percentage": 1.0,
+    "normalization": "rmsnorm",
+    "layernorm_epsilon": 1e-5,
+    "activation": "fast-swiglu",
+    "bias": False,
+    "share_embeddings_and_output_weights": False,
+    "make_vocab_size_divisible_by": 128,
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "init_method_std": 0.02,
+    "precision": 32,
+    "megatron_amp_O2": False,
+    "transformer_engine": False,
+    "tensor_model_parallel_size": 1,
+    "pipeline_model_parallel_size": 1,
+    "seed": 1234,
+    "tokenizer": {"library": "byte-level"},
+}
+
+
+def tiny_model_cfg(**overrides) -> dict:
+    """A tiny Llama-style model config (byte-level tokenizer); keyword arguments override keys."""
+    cfg = copy.deepcopy(TINY_MODEL_CFG)
+    cfg.update(overrides)
+    return cfg
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every weight away from its initial value (norm gammas off 1, biases off 0), reproducibly."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            param.add_((0.2 if param.dim() == 1 else 0.1) * noise.to(param.dtype))
+
+
+@pytest.fixture(scope="session")
+def nemo_fixtures_dir() -> Path:
+    return NEMO_FIXTURES
