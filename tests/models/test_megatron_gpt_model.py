@@ -71,16 +71,18 @@ def test_architecture_matches_independent_reference_forward(overrides):
     assert (logits.double() - expected).abs().max().item() < 1e-4
 
 
-def test_bf16_o2_parameters_and_forward():
-    cfg = tiny_model_cfg(precision="bf16", megatron_amp_O2=True)
+@pytest.mark.parametrize("o2", [True, False], ids=["O2_bf16_weights", "mixed_fp32_weights"])
+def test_bf16_parameters_and_forward(o2):
+    cfg = tiny_model_cfg(precision="bf16", megatron_amp_O2=o2)
     model = MegatronGPTModel(cfg).eval()
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(p.dtype == (torch.bfloat16 if o2 else torch.float32) for p in model.parameters())
     perturb_(model)
     input_ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         logits = model(input_ids)
     expected = reference_logits(model.model_state_dict_in_cpu(), cfg, input_ids)
     # bf16 keeps 8 bits of mantissa; logits of size ~1 agree to a few 1e-2.
+    assert logits.dtype == torch.bfloat16
     assert (logits.double() - expected).abs().max().item() < 0.1
 
 

@@ -68,7 +68,7 @@ class MegatronGPTModel(LightningModule):
         )
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer)
         self._artifact_dir: str | None = None  # owned copy of a restored checkpoint's tokenizer files
-        self.padded_vocab_size = padded_vocab_size(
+        self.padded_vocab_size = cfg.get("override_vocab_size") or padded_vocab_size(
             self.tokenizer.vocab_size,
             cfg.get("make_vocab_size_divisible_by", 128) or 128,
             parallel_state.get_tensor_model_parallel_world_size(),
@@ -89,6 +89,20 @@ class MegatronGPTModel(LightningModule):
             rotary_percent=cfg.get("rotary_percentage", 1.0),
             rotary_base=cfg.get("rotary_base", 10000),
             seq_len_interpolation_factor=cfg.get("seq_len_interpolation_factor"),
+            rope_scaling=cfg.get("scale_positional_embedding", False),
+            rope_scaling_factor=cfg.get("rope_scaling_factor", 8.0),
+        )
+        # bf16/fp16 mixed precision without O2 keeps fp32 weights and computes under autocast.
+        self.autocast_dtype = (
+            None
+            if self.transformer_config.params_dtype != torch.float32
+            else (
+                torch.bfloat16
+                if self.transformer_config.bf16
+                else torch.float16
+                if self.transformer_config.fp16
+                else None
+            )
         )
 
     # ------------------------------------------------------------------ forward and log-probs
@@ -111,7 +125,8 @@ class MegatronGPTModel(LightningModule):
             position_ids = default_position_ids(input_ids)
         if attention_mask is None:
             attention_mask = causal_attention_mask(input_ids.shape[1], input_ids.device)
-        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
 
     def get_logprobs(
         self,
@@ -163,15 +178,17 @@ class MegatronGPTModel(LightningModule):
         def step_func(iterator, model):
             return forward_step(model, next(iterator))
 
-        return get_forward_backward_func()(
-            forward_step_func=step_func,
-            data_iterator=data_iterator,
-            model=self.model_chunks(),
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=forward_only,
-        )
+        device_type = next(self.model.parameters()).device.type
+        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return get_forward_backward_func()(
+                forward_step_func=step_func,
+                data_iterator=data_iterator,
+                model=self.model_chunks(),
+                num_microbatches=num_microbatches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=forward_only,
+            )
 
     def zero_grad_buffers(self) -> None:
         for chunk in self.model_chunks():
