@@ -39,6 +39,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["nemo_aligner", "nemo_aligner.*"]),
+    package_data={"nemo_aligner.data.embedded": ["*.jsonl", "README.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
 )

@@ -83,13 +83,38 @@ def _require_model_config(unpacked_dir: Path, source: Path) -> None:
         raise NemoFormatError(f"{source}: no {MODEL_CONFIG_FILE} inside; not a .nemo checkpoint")
 
 
-def _safe_extract(archive: Path, dest: Path) -> None:
-    """Extract `archive` into `dest` after checking every member, and check the tar was not cut short."""
+@contextlib.contextmanager
+def open_nemo_without_weights(path: str | os.PathLike, tmp_dir: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Like `open_nemo`, but a tar gives only `model_config.yaml` and the artifacts (not `model_weights/`).
+
+    Cheap even for a large model: used to read the config and build the tokenizer before any expensive work.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f".nemo checkpoint not found: {path}")
+    if path.is_dir():
+        _require_model_config(path, path)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="nemo_", dir=tmp_dir) as tmp:
+        unpacked = Path(tmp)
+        _safe_extract(path, unpacked, select=lambda name: len(PurePosixPath(name).parts) <= 2)
+        _require_model_config(unpacked, path)
+        yield unpacked
+
+
+def _safe_extract(archive: Path, dest: Path, select: Callable[[str], bool] | None = None) -> None:
+    """Extract `archive` into `dest` after checking every member, and check the tar was not cut short.
+
+    `select(member_name)` limits extraction to some members (all are still checked).
+    """
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
             for member in members:
                 _check_member(archive, member)
+            if select is not None:
+                members = [m for m in members if m.isreg() and select(m.name) and "/model_weights" not in f"/{m.name}"]
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(dest, members=members, filter="data")
             else:

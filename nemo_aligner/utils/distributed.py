@@ -93,14 +93,16 @@ def initialize_distributed(
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    rank_info: RankInfo | None = None,
 ) -> RankInfo:
     """Start torch.distributed and megatron-core's ``parallel_state`` for this process.
 
     Safe to call again: an existing process group is reused, and model parallelism is re-initialised only
-    when the requested TP/PP sizes differ from the current ones.
+    when the requested TP/PP sizes differ from the current ones. ``rank_info`` comes from the launcher (Lightning's
+    cluster environment); by default it is read from the environment variables.
     """
     apply_cpu_support()
-    info = resolve_rank_info()
+    info = rank_info or resolve_rank_info()
     if not dist.is_initialized():
         port = info.master_port or _free_port()
         backend = process_group_backend()
@@ -118,7 +120,7 @@ def initialize_distributed(
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, seed: int) -> None:
-    """(Re-)initialise megatron's TP/PP/DP groups and its model-parallel RNG streams."""
+    """(Re-)initialise megatron's TP/PP/DP groups, and (always) re-seed its model-parallel RNG streams."""
     from megatron.core import parallel_state, tensor_parallel
 
     world_size = dist.get_world_size()
@@ -135,6 +137,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int, pipeline_model_pa
             and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_model_parallel_size
         )
         if same:
+            tensor_parallel.model_parallel_cuda_manual_seed(seed)
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -142,6 +145,18 @@ def initialize_model_parallel(tensor_model_parallel_size: int, pipeline_model_pa
         pipeline_model_parallel_size=pipeline_model_parallel_size,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, python and numpy (the same seed on every rank: weights are initialised identically)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def is_global_rank_zero() -> bool:

@@ -16,7 +16,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
-ADAM_NAMES = ("adam", "adamw", "fused_adam", "mcore_distributed_optim")
+ADAM_NAMES = ("adam", "adamw", "fused_adam")
 DISTRIBUTED_NAMES = ("distributed_fused_adam", "mcore_distributed_optim")
 SCHEDULES = ("CosineAnnealing", "Constant", None)
 

@@ -64,3 +64,19 @@ def load_from_nemo(
         restore_path, override_config_path=model_cfg, trainer=trainer, strict=strict, **model_kwargs
     )
     return (model, model_cfg) if return_updated_cfg else model
+
+
+def build_tokenizer_for(model_cfg: DictConfig, restore_path: str | Path | None = None):
+    """The model's tokenizer, built before the model (cheap: a ``.nemo`` gives only its config and artifacts)."""
+    from nemo_aligner.tokenizers import build_tokenizer
+
+    if restore_path is None:
+        return build_tokenizer(model_cfg.tokenizer)
+    with nemo_file.open_nemo_without_weights(restore_path) as unpacked:
+        return build_tokenizer(model_cfg.tokenizer, artifact_dir=unpacked)
+
+
+def retrieve_model_state_dict_in_cpu(model, megatron_amp_O2: bool = False) -> dict:
+    """A CPU copy of the model's weights (NeMo-Aligner's name; ``megatron_amp_O2`` is accepted for compatibility:
+    our weight names never carry the O2 ``module.`` prefix)."""
+    return model.model_state_dict_in_cpu()

@@ -28,7 +28,7 @@ from nemo_aligner.checkpoint import nemo_file
 from nemo_aligner.models.nlp.gpt.model_config import layer_spec, padded_vocab_size, transformer_config_from_model_cfg
 from nemo_aligner.tokenizers import Tokenizer, build_tokenizer
 from nemo_aligner.utils import mcore_compat
-from nemo_aligner.utils.distributed import initialize_distributed, is_global_rank_zero
+from nemo_aligner.utils.distributed import initialize_distributed, is_global_rank_zero, seed_everything
 from nemo_aligner.utils.logprobs import shifted_logprobs
 from nemo_aligner.utils.optimization import build_lr_scheduler, build_optimizer, ddp_config_for
 
@@ -75,7 +75,7 @@ class MegatronGPTModel(LightningModule):
         )
         self.transformer_config = transformer_config_from_model_cfg(cfg)
         # Same initial weights on every TP layout (use_cpu_initialization), from the configured seed.
-        torch.manual_seed(cfg.get("seed", 1234))
+        seed_everything(cfg.get("seed", 1234))
         self.model = mcore_compat.GPTModel(
             config=self.transformer_config,
             transformer_layer_spec=layer_spec(cfg, self.transformer_config),

@@ -1,0 +1,240 @@
+"""The training-loop skeleton every algorithm shares: steps, epochs, validation, checkpoints, stopping.
+
+Read :meth:`BaseTrainer.fit` top to bottom: it is the whole loop. Algorithms subclass and change only what
+differs (SFT and DPO: nothing but names; SPIN and Self-Rewarding wrap ``fit`` in iterations with a rollout
+phase). The math lives in the model (``get_loss_and_metrics``); the loop never computes a loss.
+
+Bookkeeping: ``step`` counts optimizer steps over the whole run, ``consumed_samples`` is the position in the
+data (global batches handed out, in samples; it jumps to the next epoch's start when ``limit_train_batches``
+ends an epoch early), and ``epoch`` follows from it. All three are stored in every trainer checkpoint, so a
+resumed run continues with exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from nemo_aligner.checkpoint.trainer_checkpoint import load_checkpoint
+from nemo_aligner.utils.distributed import is_global_rank_zero
+from nemo_aligner.utils.exp_manager import PreemptionHandler, RunTimer
+from nemo_aligner.utils.kill_points import kill_point
+
+logger = logging.getLogger(__name__)
+
+
+def limited(total: int, limit: float | int | None) -> int:
+    """``limit_*_batches``: a float in [0, 1] is a fraction of ``total``, an int a count (NeMo semantics)."""
+    if limit is None:
+        return total
+    if isinstance(limit, float) and limit <= 1.0:
+        return int(math.floor(total * limit)) if limit < 1.0 else total
+    return min(total, int(limit))
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (stop decisions must agree across ranks)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=torch.cuda.current_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+class BaseTrainer:
+    """Epoch/step loop with validation, checkpointing, preemption and time limits.
+
+    Args:
+        cfg: the loop settings (``trainer.<algorithm>``: max_epochs, max_steps, val_check_interval, save_interval,
+            limit_train_batches, limit_val_batches, gradient_clip_val).
+        model: a ``SupervisedInterface`` model with megatron optimizer set up.
+        optimizer, scheduler: megatron-core optimizer and ``OptimizerParamScheduler``.
+        train_dataloader, val_dataloader: dataloaders whose ``batch_sampler`` yields this rank's share of a
+            global batch per step (``nemo_aligner.data.nlp.samplers``).
+        logger: ``CustomLoggerWrapper``; ckpt_callback: ``CheckpointCallback``; run_timer: ``RunTimer``.
+    """
+
+    metric_prefix_train = "train/"
+    metric_prefix_val = "val/"
+
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        model,
+        optimizer,
+        scheduler,
+        train_dataloader,
+        val_dataloader,
+        test_dataloader=None,
+        logger=None,
+        ckpt_callback=None,
+        run_timer: RunTimer | None = None,
+    ):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.train_dataloader = train_dataloader
+        self.val_dataloader = val_dataloader
+        self.test_dataloader = test_dataloader
+        self.logger = logger
+        self.ckpt_callback = ckpt_callback
+        self.run_timer = run_timer or RunTimer(None)
+
+        self.step = 0
+        self.consumed_samples = 0
+        sampler = train_dataloader.batch_sampler
+        self.global_batch_size = sampler.global_batch_size
+        self.full_epoch_steps = sampler.steps_per_epoch
+        self.steps_per_epoch = max(limited(self.full_epoch_steps, cfg.get("limit_train_batches", 1.0)), 1)
+        self.max_steps = self._compute_max_steps()
+        self.val_check_interval = self._compute_interval(cfg.get("val_check_interval", 1.0))
+        self.save_interval = int(cfg.get("save_interval") or self.val_check_interval)
+        self.val_batches = limited(len(val_dataloader), cfg.get("limit_val_batches", 1.0)) if val_dataloader else 0
+        self.last_val_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ schedule
+    def _compute_max_steps(self) -> int:
+        by_epochs = int(self.cfg.get("max_epochs", 1)) * self.steps_per_epoch
+        max_steps = int(self.cfg.get("max_steps", -1) or -1)
+        return by_epochs if max_steps < 0 else min(max_steps, by_epochs)
+
+    def _compute_interval(self, value: float | int) -> int:
+        """An int counts steps; a float in (0, 1] is a fraction of an epoch (NeMo's val_check_interval)."""
+        if isinstance(value, float) and value <= 1.0:
+            return max(int(self.steps_per_epoch * value), 1)
+        return max(int(value), 1)
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed_samples // (self.full_epoch_steps * self.global_batch_size)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.consumed_samples = int(state["consumed_samples"])
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """(sharded state dict of model + optimizer + schedule, trainer state) for the checkpoint callback."""
+        model_state = self.model.sharded_state_dict()
+        sharded = {
+            "model": model_state,
+            "optimizer": self.optimizer.sharded_state_dict(model_state),
+            "lr_scheduler": self.scheduler.state_dict(),
+        }
+        return sharded, {**self.state_dict(), **self.model.get_trainer_state()}
+
+    def resume_from(self, path) -> None:
+        """Restore model, optimizer, schedule, RNG and loop state from a trainer checkpoint."""
+        model_state = self.model.sharded_state_dict()
+        sharded = {
+            "model": model_state,
+            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=True),
+            "lr_scheduler": self.scheduler.state_dict(),
+        }
+        state, trainer_state = load_checkpoint(path, sharded)
+        self.model.load_model_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.load_state_dict(trainer_state)
+        logger.info("Resumed at step %d (consumed_samples=%d) from %s", self.step, self.consumed_samples, path)
+
+    # ------------------------------------------------------------------ steps
+    def train_single_step(self, batch: dict) -> dict[str, float]:
+        self.model.prepare_for_training_step()
+        _, metrics = self.model.get_loss_and_metrics(batch=batch, forward_only=False)
+        self.model.finish_training_step()
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        return {**metrics, "grad_norm": float(grad_norm or 0.0), "lr": lr}
+
+    def run_validation(self) -> dict[str, float]:
+        """Metrics over the validation set, each a mean weighted by the batch's ``num_tokens``/``num_pairs``."""
+        if not self.val_dataloader or self.val_batches == 0:
+            return {}
+        self.model.prepare_for_validation_step()
+        sums: dict[str, float] = {}
+        total_weight = 0.0
+        for index, batch in enumerate(self.val_dataloader):
+            if index >= self.val_batches:
+                break
+            _, metrics = self.model.get_loss_and_metrics(batch=batch, forward_only=True)
+            weight = float(metrics.get("num_tokens", metrics.get("num_pairs", 1.0)))
+            total_weight += weight
+            for key, value in metrics.items():
+                if key not in ("num_tokens", "num_pairs"):
+                    sums[key] = sums.get(key, 0.0) + float(value) * weight
+        self.model.finish_validation_step()
+        return {key: value / max(total_weight, 1e-12) for key, value in sums.items()}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> None:
+        """Train until ``max_steps``, validating and saving on schedule; stop cleanly on SIGTERM or time-out."""
+        self.model.prepare_for_training()
+        progress = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not is_global_rank_zero())
+        with PreemptionHandler() as preemption:
+            while self.step < self.max_steps:
+                if self.run_epoch(progress, preemption):
+                    break
+        progress.close()
+        self.model.finish_training()
+        if self.logger is not None:
+            self.logger.finalize()
+
+    def run_epoch(self, progress, preemption: PreemptionHandler) -> bool:
+        """The rest of the current epoch; returns True when the run must stop (done, SIGTERM or time-out)."""
+        epoch = self.epoch
+        epoch_samples = self.full_epoch_steps * self.global_batch_size
+        steps_done_in_epoch = (self.consumed_samples - epoch * epoch_samples) // self.global_batch_size
+        sampler = self.train_dataloader.batch_sampler
+        sampler.consumed_samples = self.consumed_samples
+        for batch in self.train_dataloader:
+            if steps_done_in_epoch >= self.steps_per_epoch:
+                break
+            metrics = self.train_single_step(batch)
+            self.step += 1
+            self.consumed_samples += self.global_batch_size
+            steps_done_in_epoch += 1
+            kill_point("after_step", self.step)
+            self.log(metrics, self.metric_prefix_train)
+            progress.update(1)
+            progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "acc", "lr")})
+            if self.after_step(preemption, is_last=self.step >= self.max_steps):
+                return True
+        # Epoch done, or cut short by limit_train_batches: the next one starts at its own first batch.
+        self.consumed_samples = (epoch + 1) * epoch_samples
+        return self.step >= self.max_steps
+
+    def after_step(self, preemption: PreemptionHandler, is_last: bool) -> bool:
+        """Validate and save on schedule; returns True when the run must stop now."""
+        stop = any_rank(preemption.received or self.run_timer.is_finished())
+        if self.step % self.val_check_interval == 0 or is_last:
+            self.last_val_metrics = self.run_validation()
+            self.log(self.last_val_metrics, self.metric_prefix_val)
+        if self.ckpt_callback is not None and (self.step % self.save_interval == 0 or is_last or stop):
+            self.save(is_train_end=is_last)
+        return stop or is_last
+
+    def save(self, is_train_end: bool = False) -> None:
+        candidates = {
+            **{f"val_{k}": v for k, v in self.last_val_metrics.items()},
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "epoch": self.epoch,
+        }
+        self.ckpt_callback.custom_save(monitor_candidates=candidates, is_train_end=is_train_end)
+
+    def log(self, metrics: Mapping[str, float], prefix: str) -> None:
+        if self.logger is not None and metrics:
+            self.logger.log_metrics(metrics, step=self.step, prefix=prefix)

@@ -1,0 +1,63 @@
+"""Supervised fine-tuning: token-level negative log-likelihood of the answer tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_aligner.models.alignable_interface import SupervisedInterface
+from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, causal_attention_mask
+from nemo_aligner.utils.batching import reduce_metric_sums, split_into_micro_batches
+from nemo_aligner.utils.logprobs import shifted_logprobs
+
+
+def masked_token_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of -log p over scored tokens, number of scored tokens) for shifted log-probs ``[B, S-1]``.
+
+    ``loss_mask`` is ``[B, S]`` over input positions; position t+1 being scored means log-prob t counts.
+    """
+    mask = loss_mask[:, 1:].to(logprobs.dtype)
+    return -(logprobs * mask).sum(), mask.sum()
+
+
+class GPTSFTModel(MegatronGPTModel, SupervisedInterface):
+    """A GPT trained on answer tokens only; the loss is the mean over every scored token of the global batch."""
+
+    def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
+        micro_batch_size = self.cfg.get("micro_batch_size") or batch["input_ids"].shape[0]
+        micro_batches = split_into_micro_batches(batch, micro_batch_size)
+        outputs = self.forward_backward(
+            micro_batches,
+            num_microbatches=len(micro_batches),
+            forward_step=self._forward_step,
+            forward_only=forward_only,
+            seq_length=batch["input_ids"].shape[1],
+            micro_batch_size=micro_batch_size,
+        )
+        totals = reduce_metric_sums(outputs, ("loss_sum", "num_tokens"))
+        loss = totals["loss_sum"] / max(totals["num_tokens"], 1.0)
+        return loss, {"loss": loss, "num_tokens": totals["num_tokens"]}
+
+    def _forward_step(self, model_chunk, micro_batch: dict):
+        input_ids = micro_batch["input_ids"]
+        output = model_chunk(
+            input_ids=input_ids,
+            position_ids=torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids),
+            attention_mask=causal_attention_mask(input_ids.shape[1], input_ids.device),
+        )
+
+        def loss_func(logits: torch.Tensor):
+            loss_sum, num_tokens = masked_token_nll(shifted_logprobs(logits, input_ids), micro_batch["loss_mask"])
+            metrics = {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens.detach()}
+            return loss_sum, num_tokens.to(torch.int), metrics
+
+        return output, loss_func
+
+    def prepare_for_training_step(self) -> None:
+        self.train()
+        self.zero_grad_buffers()
+
+    def prepare_for_validation_step(self) -> None:
+        self.eval()
+
+    def finish_validation_step(self) -> None:
+        self.train()

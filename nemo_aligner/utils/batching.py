@@ -1,0 +1,43 @@
+"""Splitting a global-batch share into micro batches, and reducing per-micro-batch metric sums."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def split_into_micro_batches(batch: Mapping[str, torch.Tensor], micro_batch_size: int) -> list[dict]:
+    """Cut every tensor of ``batch`` (leading dimension = samples) into chunks of ``micro_batch_size``."""
+    sizes = {key: value.shape[0] for key, value in batch.items() if isinstance(value, torch.Tensor)}
+    total = next(iter(sizes.values()))
+    if any(size != total for size in sizes.values()):
+        raise ValueError(f"batch tensors disagree on the number of samples: {sizes}")
+    if total % micro_batch_size != 0:
+        raise ValueError(f"{total} samples on this rank do not split into micro batches of {micro_batch_size}")
+    return [
+        {k: (v[start : start + micro_batch_size] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        for start in range(0, total, micro_batch_size)
+    ]
+
+
+def reduce_metric_sums(per_micro_batch: Iterable[Mapping[str, torch.Tensor]], keys: Iterable[str]) -> dict[str, float]:
+    """Sum ``keys`` over micro batches and over data-parallel ranks; every rank gets the totals.
+
+    Loss functions report sums (and counts), never means, so a mean over the global batch is
+    ``total / count`` whatever the micro batch size or data-parallel size. Metrics exist only on the last pipeline
+    stage; they are broadcast to the other stages.
+    """
+    keys = list(keys)
+    # torch.cuda.current_device() is the GPU for NCCL, and "cpu" under the CPU support (gloo).
+    totals = torch.zeros(len(keys), dtype=torch.float64, device=torch.cuda.current_device())
+    for metrics in per_micro_batch:
+        totals += torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).sum().to(totals.device) for k in keys])
+    if dist.is_initialized():
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            last = parallel_state.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return dict(zip(keys, totals.cpu().tolist()))

@@ -1,0 +1,88 @@
+"""Hydra/OmegaConf plumbing for the entry scripts.
+
+* OmegaConf resolvers used in NeMo-Aligner configs: ``multiply``, ``int_div``, ``subtract`` and ``divide``,
+  plus ``embedded_data`` (the path of a bundled data file).
+* :func:`hydra_runner`: the entry-point decorator. ``main()`` parses the command line with Hydra;
+  ``main(cfg)`` runs in-process with a config object (tests and custom pipelines do that).
+* :func:`compose_config`: a script's config with command-line style overrides, without running it.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+EMBEDDED_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "embedded"
+
+RESOLVERS: dict[str, Callable] = {
+    "multiply": lambda x, y: x * y,
+    "int_div": lambda x, y: x // y,
+    "subtract": lambda x, y: x - y,
+    "divide": lambda x, y: x / y,
+    # ${embedded_data:sft_train.jsonl}: a file of the bundled synthetic data set (the embedded default).
+    "embedded_data": lambda name: str(EMBEDDED_DATA_DIR / name),
+}
+
+# Hydra writes no output directory or log files and keeps the working directory: our exp_manager owns outputs.
+HYDRA_DEFAULT_OVERRIDES = (
+    "hydra.output_subdir=null",
+    "hydra.run.dir=.",
+    "hydra/job_logging=none",
+    "hydra/hydra_logging=none",
+)
+
+
+def register_resolvers() -> None:
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def configure_logging() -> None:
+    """``nemo_aligner`` messages at INFO on global rank 0 (WARNING elsewhere), on stderr, once per process."""
+    import logging
+    import os
+
+    package_logger = logging.getLogger("nemo_aligner")
+    if package_logger.handlers:
+        return
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S"))
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def hydra_runner(config_path: str, config_name: str):
+    """Decorate ``main(cfg)``: Hydra parses ``sys.argv`` when called without a config."""
+
+    def decorator(task: Callable[[DictConfig], None]):
+        @functools.wraps(task)
+        def wrapper(cfg: DictConfig | None = None):
+            register_resolvers()
+            configure_logging()
+            if cfg is not None:
+                return task(cfg)
+            import hydra
+
+            caller_dir = Path(sys.modules[task.__module__].__file__).resolve().parent
+            absolute = str((caller_dir / config_path).resolve())
+            sys.argv = [sys.argv[0], *HYDRA_DEFAULT_OVERRIDES, *sys.argv[1:]]
+            return hydra.main(config_path=absolute, config_name=config_name, version_base=None)(task)()
+
+        return wrapper
+
+    return decorator
+
+
+def compose_config(config_dir: str | Path, config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config a script would run with, given command-line overrides (Hydra syntax, ``++key=value`` too)."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
+        return compose(config_name=config_name, overrides=list(overrides))

@@ -1,0 +1,160 @@
+"""Config checks that run before any model is built, reporting every problem at once with its key path."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from numbers import Number
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """One or more config values are wrong; the message lists each with its key path."""
+
+
+class ConfigChecker:
+    """Collects problems; :meth:`raise_if_any` raises one :class:`ConfigError` listing them all."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.problems: list[str] = []
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = OmegaConf.select(self.cfg, key, default=default)
+        return default if value is None else value
+
+    def add(self, key: str, message: str) -> None:
+        self.problems.append(f"{key}: {message}")
+
+    def integer(self, key: str, minimum: int | None = None, required: bool = True) -> int | None:
+        value = OmegaConf.select(self.cfg, key)
+        if value is None:
+            if required:
+                self.add(key, "is missing")
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.add(key, f"must be an integer, got {value!r} ({type(value).__name__})")
+            return None
+        if minimum is not None and value < minimum:
+            self.add(key, f"must be >= {minimum}, got {value}")
+            return None
+        return value
+
+    def number(self, key: str, minimum: float | None = None, required: bool = True) -> float | None:
+        value = OmegaConf.select(self.cfg, key)
+        if value is None:
+            if required:
+                self.add(key, "is missing")
+            return None
+        if isinstance(value, bool) or not isinstance(value, Number):
+            self.add(key, f"must be a number, got {value!r} ({type(value).__name__})")
+            return None
+        if minimum is not None and value < minimum:
+            self.add(key, f"must be >= {minimum}, got {value}")
+            return None
+        return float(value)
+
+    def boolean(self, key: str, required: bool = False) -> bool | None:
+        value = OmegaConf.select(self.cfg, key)
+        if value is None:
+            if required:
+                self.add(key, "is missing")
+            return None
+        if not isinstance(value, bool):
+            self.add(key, f"must be true or false, got {value!r} ({type(value).__name__})")
+            return None
+        return value
+
+    def choice(self, key: str, allowed: Iterable[Any], required: bool = True) -> Any:
+        value = OmegaConf.select(self.cfg, key)
+        allowed = tuple(allowed)
+        if value is None and not required:
+            return None
+        if value not in allowed:
+            self.add(key, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+            return None
+        return value
+
+    def existing_files(self, key: str) -> list[str]:
+        """A file path or a list of them; each must exist."""
+        value = OmegaConf.select(self.cfg, key)
+        if value is None or value == "???":
+            self.add(key, "is missing: set it to a data file")
+            return []
+        paths = list(value) if isinstance(value, (list, ListConfig)) else [value]
+        for path in paths:
+            if not isinstance(path, str) or not Path(path).is_file():
+                self.add(key, f"file not found: {path}")
+        return [str(p) for p in paths]
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            lines = "\n  ".join(self.problems)
+            raise ConfigError(f"{len(self.problems)} config problem(s):\n  {lines}")
+
+
+def check_loop(checker: ConfigChecker, loop: str) -> None:
+    """``trainer.<loop>.*``: the limits every trainer understands."""
+    prefix = f"trainer.{loop}"
+    checker.integer(f"{prefix}.max_epochs", minimum=1)
+    checker.integer(f"{prefix}.max_steps", minimum=-1)
+    for key in ("val_check_interval", "limit_train_batches", "limit_val_batches"):
+        checker.number(f"{prefix}.{key}", minimum=0)
+    checker.integer(f"{prefix}.save_interval", minimum=0, required=False)
+    checker.number(f"{prefix}.gradient_clip_val", minimum=0, required=False)
+
+
+def check_batch_sizes(checker: ConfigChecker, mbs_key: str, gbs_key: str, data_parallel_size: int) -> None:
+    mbs = checker.integer(mbs_key, minimum=1)
+    gbs = checker.integer(gbs_key, minimum=1)
+    if mbs and gbs and gbs % (mbs * data_parallel_size) != 0:
+        checker.add(
+            gbs_key,
+            f"{gbs} is not divisible by {mbs_key} ({mbs}) x data-parallel size ({data_parallel_size})",
+        )
+
+
+def check_model_parallel(checker: ConfigChecker, model_key: str, world_size: int) -> int:
+    """TP/PP fit the job and the architecture; returns the data-parallel size (1 when the layout is invalid)."""
+    tp = checker.integer(f"{model_key}.tensor_model_parallel_size", minimum=1) or 1
+    pp = checker.integer(f"{model_key}.pipeline_model_parallel_size", minimum=1) or 1
+    if world_size % (tp * pp) != 0:
+        checker.add(
+            f"{model_key}.tensor_model_parallel_size", f"TP {tp} x PP {pp} does not divide {world_size} processes"
+        )
+        return 1
+    heads = checker.get(f"{model_key}.num_attention_heads")
+    groups = checker.get(f"{model_key}.num_query_groups") or heads
+    if isinstance(heads, int) and heads % tp != 0:
+        checker.add(f"{model_key}.tensor_model_parallel_size", f"TP {tp} does not divide num_attention_heads ({heads})")
+    if isinstance(groups, int) and groups % tp != 0:
+        checker.add(f"{model_key}.tensor_model_parallel_size", f"TP {tp} does not divide num_query_groups ({groups})")
+    layers = checker.get(f"{model_key}.num_layers")
+    if isinstance(layers, int) and layers % pp != 0:
+        checker.add(f"{model_key}.pipeline_model_parallel_size", f"PP {pp} does not divide num_layers ({layers})")
+    return world_size // (tp * pp)
+
+
+def check_optimizer(checker: ConfigChecker, optim_key: str) -> None:
+    from nemo_aligner.utils.optimization import ADAM_NAMES, DISTRIBUTED_NAMES, SCHEDULES
+
+    checker.choice(f"{optim_key}.name", ADAM_NAMES + DISTRIBUTED_NAMES)
+    checker.number(f"{optim_key}.lr", minimum=0)
+    checker.number(f"{optim_key}.weight_decay", minimum=0, required=False)
+    checker.choice(f"{optim_key}.sched.name", SCHEDULES, required=False)
+
+
+def clamp_lengths_to_context(cfg: DictConfig, keys: Iterable[str], context: int) -> None:
+    """Lengths above the model's context are lowered to it, with a warning (documented scale-down behaviour)."""
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, int) and value > context:
+            logger.warning("%s=%d exceeds the model context (%d); using %d", key, value, context, context)
+            parent, _, leaf = key.rpartition(".")
+            with open_dict(cfg):
+                OmegaConf.select(cfg, parent)[leaf] = context

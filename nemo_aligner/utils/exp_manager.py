@@ -1,0 +1,251 @@
+"""Experiment manager: log directory, loggers, checkpoint saving/retention and resume.
+
+Keys (``exp_manager.*``, as in NeMo): ``explicit_log_dir`` (or ``exp_dir``/``name``), ``create_tensorboard_logger``
+and ``create_csv_logger`` (default on), ``create_wandb_logger`` with ``wandb_logger_kwargs.{project,name,offline}``,
+``resume_if_exists``, ``resume_ignore_no_checkpoint``, ``max_time_per_run`` ("DD:HH:MM:SS"),
+``checkpoint_callback_params.{monitor, save_top_k, mode, always_save_nemo, save_nemo_on_train_end, filename}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_aligner.checkpoint import trainer_checkpoint
+from nemo_aligner.utils.distributed import is_global_rank_zero
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Experiment:
+    """Where a run writes, and the checkpoint it resumes from (``None`` for a fresh start)."""
+
+    log_dir: Path
+    checkpoint_dir: Path
+    resume_path: Path | None
+    name: str = "megatron_gpt"
+
+
+def resolve_log_dir(cfg: Mapping[str, Any]) -> Path:
+    if cfg.get("explicit_log_dir"):
+        return Path(cfg["explicit_log_dir"])
+    return Path(cfg.get("exp_dir") or "results") / (cfg.get("name") or "default")
+
+
+def exp_manager(trainer, cfg: DictConfig | Mapping[str, Any] | None) -> Experiment:
+    """Create the log directory and loggers (set on ``trainer.loggers``) and find the checkpoint to resume from."""
+    cfg = OmegaConf.create(cfg or {})
+    log_dir = resolve_log_dir(cfg)
+    checkpoint_dir = log_dir / "checkpoints"
+    if is_global_rank_zero():
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    trainer.loggers = build_loggers(cfg, log_dir)
+    trainer_checkpoint.remove_partial_checkpoints(checkpoint_dir)
+    resume_path = None
+    if cfg.get("resume_if_exists", True):
+        existing = trainer_checkpoint.list_checkpoints(checkpoint_dir)
+        if existing:
+            resume_path = existing[-1]
+            logger.info("Resuming from %s", resume_path)
+        elif not cfg.get("resume_ignore_no_checkpoint", True):
+            raise FileNotFoundError(
+                f"exp_manager.resume_if_exists=True and resume_ignore_no_checkpoint=False, but {checkpoint_dir} "
+                "holds no complete checkpoint"
+            )
+    return Experiment(log_dir, checkpoint_dir, resume_path, name=cfg.get("name") or "megatron_gpt")
+
+
+def build_loggers(cfg: DictConfig, log_dir: Path) -> list:
+    """TensorBoard and CSV loggers (unless switched off), plus W&B on request (offline works without network)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = []
+    if cfg.get("create_tensorboard_logger", True):
+        loggers.append(TensorBoardLogger(save_dir=str(log_dir), name="", version="tensorboard"))
+    if cfg.get("create_csv_logger", True):
+        loggers.append(CSVLogger(save_dir=str(log_dir), name="", version="csv"))
+    if cfg.get("create_wandb_logger", False):
+        loggers.append(_wandb_logger(cfg, log_dir))
+    return loggers
+
+
+def _wandb_logger(cfg: DictConfig, log_dir: Path):
+    try:
+        import wandb  # noqa: F401
+        from lightning.pytorch.loggers import WandbLogger
+    except ImportError as err:
+        raise ImportError(
+            "exp_manager.create_wandb_logger=True needs wandb: pip install 'nemo_aligner[wandb]' "
+            "(set WANDB_MODE=offline or exp_manager.wandb_logger_kwargs.offline=true without network)"
+        ) from err
+    kwargs = OmegaConf.to_container(cfg.get("wandb_logger_kwargs") or {}, resolve=True)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return WandbLogger(save_dir=str(log_dir), **kwargs)
+
+
+class CustomLoggerWrapper:
+    """Logs to every configured logger from global rank 0 (NeMo-Aligner's name and interface)."""
+
+    def __init__(self, loggers: list):
+        self.loggers = list(loggers or [])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int, prefix: str = "") -> None:
+        if not is_global_rank_zero():
+            return
+        named = {f"{prefix}{k}": float(v) for k, v in metrics.items()}
+        for one in self.loggers:
+            one.log_metrics(named, step=step)
+
+    def log_hyperparams(self, params: Mapping[str, Any]) -> None:
+        if not is_global_rank_zero():
+            return
+        for one in self.loggers:
+            one.log_hyperparams(dict(params))
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A table of texts (e.g. prompt / response samples): a W&B table, TensorBoard text and a JSONL file."""
+        if not is_global_rank_zero():
+            return
+        for one in self.loggers:
+            if type(one).__name__ == "WandbLogger":
+                one.log_table(key=key, columns=columns, data=rows, step=step)
+            elif type(one).__name__ == "TensorBoardLogger":
+                header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+                body = "".join("| " + " | ".join(_md_cell(c) for c in row) + " |\n" for row in rows)
+                one.experiment.add_text(key, header + body, global_step=step)
+
+    def finalize(self) -> None:
+        if not is_global_rank_zero():
+            return
+        for one in self.loggers:
+            one.finalize("success")
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", "\\n")
+
+
+_FIELD = re.compile(r"\{([A-Za-z0-9_/]+)(:[^}]*)?\}")
+
+
+def format_checkpoint_name(template: str, values: Mapping[str, Any]) -> str:
+    """Lightning-style names: ``"{val_loss:.3f}-{step}"`` -> ``"val_loss=0.123-step=10"``; unknown values: ``=na``."""
+
+    def render(match: re.Match) -> str:
+        key, fmt = match.group(1), (match.group(2) or ":")[1:]
+        if key not in values or values[key] is None:
+            return f"{key}=na"
+        return f"{key.replace('/', '_')}={format(values[key], fmt)}"
+
+    return _FIELD.sub(render, template).replace("/", "_")
+
+
+class CheckpointCallback:
+    """Saves trainer checkpoints, keeps the best ``save_top_k`` by ``monitor`` plus the latest, exports ``.nemo``.
+
+    ``state_fn()`` returns (sharded state dict, trainer state); ``nemo_fn(path)`` writes the model as ``.nemo``.
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        params: Mapping[str, Any] | None,
+        state_fn: Callable[[], tuple[dict, dict]],
+        nemo_fn: Callable[[Path], None],
+    ):
+        params = dict(params or {})
+        self.checkpoint_dir = experiment.checkpoint_dir
+        self.monitor = params.get("monitor", "val_loss")
+        self.mode = params.get("mode", "min")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"exp_manager.checkpoint_callback_params.mode must be 'min' or 'max', got {self.mode!r}")
+        self.save_top_k = int(params.get("save_top_k", 3))
+        self.always_save_nemo = bool(params.get("always_save_nemo", False))
+        self.save_nemo_on_train_end = bool(params.get("save_nemo_on_train_end", True))
+        self.filename = params.get("filename") or "{step}-{consumed_samples}"
+        self.state_fn = state_fn
+        self.nemo_fn = nemo_fn
+        self.final_nemo_path = experiment.checkpoint_dir / f"{experiment.name}.nemo"
+
+    def custom_save(self, monitor_candidates: Mapping[str, Any], is_train_end: bool = False) -> Path:
+        """Save a checkpoint named from ``monitor_candidates`` (which also holds ``step`` etc.)."""
+        sharded, trainer_state = self.state_fn()
+        trainer_state = {**trainer_state, "monitor": {self.monitor: monitor_candidates.get(self.monitor)}}
+        name = format_checkpoint_name(self.filename, monitor_candidates)
+        export = (lambda d: self.nemo_fn(d / "model.nemo")) if self.always_save_nemo else None
+        path = trainer_checkpoint.save_checkpoint(self.checkpoint_dir, name, sharded, trainer_state, export)
+        self._prune(keep=path)
+        if is_train_end and self.save_nemo_on_train_end:
+            self.nemo_fn(self.final_nemo_path)
+        return path
+
+    def _prune(self, keep: Path) -> None:
+        if not is_global_rank_zero() or self.save_top_k < 0:
+            return
+        checkpoints = trainer_checkpoint.list_checkpoints(self.checkpoint_dir)
+
+        def score(path: Path) -> float:
+            value = trainer_checkpoint.read_trainer_state(path).get("monitor", {}).get(self.monitor)
+            if value is None:
+                return float("inf")
+            return value if self.mode == "min" else -value
+
+        best = sorted(checkpoints, key=score)[: self.save_top_k]
+        for path in checkpoints:
+            if path not in best and path != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+class RunTimer:
+    """``max_time_per_run`` ("DD:HH:MM:SS", or None): tells the loop when to save and stop."""
+
+    def __init__(self, max_time: str | None):
+        self.limit = _parse_duration(max_time) if max_time else None
+        self.start = time.monotonic()
+
+    def is_finished(self) -> bool:
+        return self.limit is not None and time.monotonic() - self.start >= self.limit
+
+
+def _parse_duration(value: str) -> float:
+    parts = [float(p) for p in str(value).split(":")]
+    if not 1 <= len(parts) <= 4:
+        raise ValueError(f"exp_manager.max_time_per_run must look like DD:HH:MM:SS, got {value!r}")
+    seconds = 0.0
+    for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
+        seconds += part * unit
+    return seconds
+
+
+class PreemptionHandler:
+    """Turns SIGTERM (Slurm preemption, ``scancel``) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logger.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
