@@ -21,10 +21,12 @@ INSTALL_REQUIRES = [
     "transformers>=4.45",
     "safetensors>=0.4",
     "tensorboard",
+    "jinja2",  # judge prompt templates
+    "scipy",  # Bradley-Terry (Elo) fit of meta-judge verdicts
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "ruff>=0.6"],
+    "test": ["pytest>=8", "ruff>=0.6", "wandb"],
     "wandb": ["wandb"],
     # GPU accelerators: used when importable, never required.
     "gpu": ["transformer-engine[pytorch]"],

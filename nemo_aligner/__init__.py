@@ -1,1 +1,14 @@
-"""nemo_aligner: LLM alignment (SFT, DPO, RLHF) on megatron-core, reading and writing NeMo .nemo checkpoints."""
+"""nemo_aligner: LLM alignment (SFT, DPO and variants, SPIN, Self-Rewarding) on megatron-core.
+
+Reads and writes NeMo ``.nemo`` checkpoints without depending on nemo-toolkit.
+"""
+
+import warnings
+
+# megatron-core warns at import time, once per module, that the optional GPU accelerators (apex,
+# TransformerEngine) are missing and that it uses its torch fallbacks; docs/megatron_cpu.md says so once.
+# torch warns that DCP's ShardedTensor (which megatron-core's checkpointing uses) is deprecated.
+warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+# Its TransformerConfig also warns on every model build about a CUDA-graph default we do not use.
+for _message in ("Apex is not installed", "Transformer Engine and Apex are not installed", "full scope is deprecated"):
+    warnings.filterwarnings("ignore", message=_message, category=UserWarning)

@@ -62,3 +62,11 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
 @pytest.fixture(scope="session")
 def nemo_fixtures_dir() -> Path:
     return NEMO_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_model(tmp_path_factory) -> Path:
+    """The embedded default's tiny model after a short SFT run (built once per test session)."""
+    from scripts.build_tiny_base_model import build_tiny_base_model
+
+    return build_tiny_base_model(steps=150, cache_dir=tmp_path_factory.mktemp("tiny_model_cache"))

@@ -28,6 +28,9 @@ from nemo_aligner.utils.kill_points import kill_point
 
 logger = logging.getLogger(__name__)
 
+# The distributed optimizer's state is saved in a layout-independent form, so a run resumes at any TP/PP/DP.
+OPTIMIZER_CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
 
 def limited(total: int, limit: float | int | None) -> int:
     """``limit_*_batches``: a float in [0, 1] is a fraction of ``total``, an int a count (NeMo semantics)."""
@@ -128,7 +131,7 @@ class BaseTrainer:
         model_state = self.model.sharded_state_dict()
         sharded = {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state),
+            "optimizer": self.optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_CHECKPOINT_METADATA),
             "lr_scheduler": self.scheduler.state_dict(),
         }
         return sharded, {**self.state_dict(), **self.model.get_trainer_state()}
@@ -138,7 +141,9 @@ class BaseTrainer:
         model_state = self.model.sharded_state_dict()
         sharded = {
             "model": model_state,
-            "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=True),
+            "optimizer": self.optimizer.sharded_state_dict(
+                model_state, is_loading=True, metadata=OPTIMIZER_CHECKPOINT_METADATA
+            ),
             "lr_scheduler": self.scheduler.state_dict(),
         }
         state, trainer_state = load_checkpoint(path, sharded)
@@ -149,9 +154,13 @@ class BaseTrainer:
         logger.info("Resumed at step %d (consumed_samples=%d) from %s", self.step, self.consumed_samples, path)
 
     # ------------------------------------------------------------------ steps
+    def prepare_batch(self, batch: dict, training: bool) -> dict:
+        """Hook for algorithms that add to each batch (e.g. precomputed reference log-probs)."""
+        return batch
+
     def train_single_step(self, batch: dict) -> dict[str, float]:
         self.model.prepare_for_training_step()
-        _, metrics = self.model.get_loss_and_metrics(batch=batch, forward_only=False)
+        _, metrics = self.model.get_loss_and_metrics(batch=self.prepare_batch(batch, True), forward_only=False)
         self.model.finish_training_step()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         updated, grad_norm, _ = self.optimizer.step()
@@ -169,7 +178,7 @@ class BaseTrainer:
         for index, batch in enumerate(self.val_dataloader):
             if index >= self.val_batches:
                 break
-            _, metrics = self.model.get_loss_and_metrics(batch=batch, forward_only=True)
+            _, metrics = self.model.get_loss_and_metrics(batch=self.prepare_batch(batch, False), forward_only=True)
             weight = float(metrics.get("num_tokens", metrics.get("num_pairs", 1.0)))
             total_weight += weight
             for key, value in metrics.items():

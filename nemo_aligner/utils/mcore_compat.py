@@ -12,6 +12,7 @@ import multiprocessing
 import warnings
 
 from megatron.core import package_info
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -21,6 +22,7 @@ MCORE_VERSION: tuple[int, ...] = tuple(int(p) for p in package_info.__version__.
 __all__ = [
     "GPTModel",
     "MCORE_VERSION",
+    "StaticInferenceContext",
     "TransformerBlockSubmodules",
     "get_gpt_layer_local_spec",
     "get_num_layers_to_build",

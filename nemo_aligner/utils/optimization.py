@@ -82,7 +82,8 @@ def build_lr_scheduler(optimizer, optim_cfg: Mapping[str, Any], max_steps: int) 
         warmup, decay_end, style, min_lr = 0, max(max_steps, 1), "constant", lr
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if warmup > 0 else lr,
+        # NeMo's warmup gives step s the rate lr * (s + 1) / (warmup + 1): megatron's linear warmup from this value.
+        init_lr=lr / (warmup + 1),
         max_lr=lr,
         min_lr=min_lr,
         lr_warmup_steps=warmup,

@@ -8,6 +8,7 @@ own DDP and never runs a loop: megatron-core's DDP/optimizer and our trainers in
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,14 +51,21 @@ def resolve_and_create_trainer(cfg: DictConfig, pop_trainer_key: str) -> Trainer
     world = int(kwargs.get("devices", 1) if kwargs["devices"] != "auto" else 1) * int(kwargs.get("num_nodes", 1))
     if world > 1:
         kwargs.setdefault("strategy", "ddp")
-    trainer = Trainer(
-        **kwargs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    # Lightning's start-up banner (accelerator summary, logger tips) is noise: our loggers are set up separately.
+    banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    level = banner.level
+    banner.setLevel(logging.WARNING)
+    try:
+        trainer = Trainer(
+            **kwargs,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+        )
+    finally:
+        banner.setLevel(level)
     _launch_and_initialize(trainer)
     return trainer
 
@@ -168,13 +176,13 @@ def validate_sft_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int)
 
 
 @dataclass
-class SFTData:
+class TrainingData:
     tokenizer: Any
     train_dataloader: Any
     val_dataloader: Any
 
 
-def build_sft_data(cfg: DictConfig, model_cfg: DictConfig, restore_path: str | None, max_steps: int) -> SFTData:
+def build_sft_data(cfg: DictConfig, model_cfg: DictConfig, restore_path: str | None, max_steps: int) -> TrainingData:
     """Tokenizer, datasets (read and validated in full) and dataloaders; no model is built yet."""
     from megatron.core import parallel_state
 
@@ -215,7 +223,7 @@ def build_sft_data(cfg: DictConfig, model_cfg: DictConfig, restore_path: str | N
     val_sampler = build_validation_sampler(
         val_cfg, val_ds, val_cfg.global_batch_size, data_parallel_rank=dp_rank, data_parallel_size=dp_size
     )
-    return SFTData(
+    return TrainingData(
         tokenizer=tokenizer,
         train_dataloader=build_dataloader(train_ds, train_sampler, build_collate(train_cfg, tokenizer), data_cfg),
         val_dataloader=build_dataloader(val_ds, val_sampler, build_collate(val_cfg, tokenizer), data_cfg),
@@ -251,11 +259,21 @@ def setup_model_and_trainer_state(
     trainer: Trainer,
     experiment: Experiment,
     log: CustomLoggerWrapper,
-    data: SFTData,
+    data: TrainingData,
     total_steps: int | None = None,
+    configure_model: Callable[[Any], None] | None = None,
+    before_resume: Callable[[Any], None] | None = None,
+    **loop_kwargs: Any,
 ):
-    """Build the model, its optimizer and LR schedule, the loop and its checkpoint callback; resume if asked."""
+    """Build the model, its optimizer and LR schedule, the loop and its checkpoint callback; resume if asked.
+
+    ``configure_model(model)`` runs before the optimizer is built (e.g. LoRA, a reference-policy copy);
+    ``before_resume(loop)`` runs before a trainer checkpoint is loaded (e.g. precomputing reference log-probs with
+    the initial weights).
+    """
     model = build_model(model_cls, model_cfg, restore_path, trainer, data.tokenizer)
+    if configure_model is not None:
+        configure_model(model)
     steps = total_steps or planned_max_steps(loop_cfg, data.train_dataloader.batch_sampler.steps_per_epoch)
     optimizer, scheduler = model.setup_optimization(model_cfg.optim, steps, loop_cfg.get("gradient_clip_val", 0.0))
     loop = trainer_cls(
@@ -267,11 +285,92 @@ def setup_model_and_trainer_state(
         val_dataloader=data.val_dataloader,
         logger=log,
         run_timer=RunTimer(cfg.exp_manager.get("max_time_per_run")),
+        **loop_kwargs,
     )
     loop.ckpt_callback = CheckpointCallback(
         experiment, cfg.exp_manager.get("checkpoint_callback_params"), loop.checkpoint_state, model.save_to
     )
+    if before_resume is not None:
+        before_resume(loop)
     if experiment.resume_path is not None:
         loop.resume_from(experiment.resume_path)
     log.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return loop
+
+
+def validate_dpo_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int) -> None:
+    """Every DPO config problem at once, before anything expensive."""
+    from nemo_aligner.losses.preference import PREFERENCE_LOSSES
+    from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import REFERENCE_STRATEGIES
+
+    view = config_view(cfg, model_cfg)
+    checker = ConfigChecker(view)
+    if not checker.get("pretrained_checkpoint.restore_from_path"):
+        checker.add(
+            "pretrained_checkpoint.restore_from_path",
+            "is missing: name the SFT model to align (for the embedded default, the .nemo that train_gpt_sft.py wrote)",
+        )
+    data_parallel_size = validate_common(checker, "dpo", world_size)
+    check_batch_sizes(checker, "model.micro_batch_size", "model.global_batch_size", data_parallel_size)
+    checker.choice("model.dpo.preference_loss", PREFERENCE_LOSSES)
+    checker.choice("model.dpo.reference", REFERENCE_STRATEGIES, required=False)
+    checker.number("model.dpo.ref_policy_kl_penalty", minimum=0)
+    for key in ("gt_reward_scale", "preference_loss_weight", "sft_loss_weight"):
+        checker.number(f"model.dpo.{key}", required=False)
+    checker.integer("model.dpo.log_prob_forward_micro_batch_size", minimum=1, required=False)
+    checker.choice("model.peft.peft_scheme", ("none", "lora"), required=False)
+    checker.choice("model.data.data_impl", ("jsonl", "packed_jsonl"), required=False)
+    prefix = checker.get("model.data.data_prefix")
+    if prefix is None or not hasattr(prefix, "get"):
+        checker.add("model.data.data_prefix", "must be {train: [files], validation: [files], test: [files]}")
+    else:
+        for split in ("train", "validation"):
+            checker.existing_files(f"model.data.data_prefix.{split}")
+    checker.raise_if_any()
+    clamp_lengths_to_context(cfg, ("model.data.seq_length",), int(model_cfg.encoder_seq_length))
+    with open_dict(model_cfg):
+        model_cfg.data.seq_length = min(int(model_cfg.data.seq_length), int(model_cfg.encoder_seq_length))
+
+
+def build_dpo_data(cfg: DictConfig, model_cfg: DictConfig, restore_path: str | None) -> TrainingData:
+    """Tokenizer, train/validation preference datasets (validated in full) and their dataloaders."""
+    from megatron.core import parallel_state
+
+    from nemo_aligner.data.nlp.dpo_builders import build_dpo_dataloader, build_dpo_datasets
+    from nemo_aligner.utils.utils import build_tokenizer_for
+
+    set_model_parallel_from_config(model_cfg)
+    tokenizer = build_tokenizer_for(model_cfg, restore_path)
+    gbs = int(model_cfg.global_batch_size)
+    datasets = build_dpo_datasets(
+        model_cfg.data,
+        None,
+        tokenizer,
+        dpo_cfg=model_cfg.get("dpo"),
+        splits=("train", "validation"),
+        global_batch_size=gbs,
+    )
+    common = {
+        "data_parallel_rank": parallel_state.get_data_parallel_rank(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+    }
+    seed = int(model_cfg.get("seed", 1234))
+    return TrainingData(
+        tokenizer=tokenizer,
+        train_dataloader=build_dpo_dataloader(
+            model_cfg.data, datasets["train"], tokenizer, gbs, train=True, seed=seed, **common
+        ),
+        val_dataloader=build_dpo_dataloader(
+            model_cfg.data, datasets["validation"], tokenizer, gbs, train=False, **common
+        ),
+    )
+
+
+def configure_peft(model, model_cfg: DictConfig) -> None:
+    """Apply ``model.peft`` (LoRA) to a freshly built model, before its optimizer exists."""
+    peft = model_cfg.get("peft") or {}
+    if peft.get("peft_scheme", "none") in (None, "none"):
+        return
+    from nemo_aligner.models.nlp.gpt.lora import apply_lora
+
+    apply_lora(model, peft)

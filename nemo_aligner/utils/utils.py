@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nemo_aligner.checkpoint import nemo_file
@@ -80,3 +82,34 @@ def retrieve_model_state_dict_in_cpu(model, megatron_amp_O2: bool = False) -> di
     """A CPU copy of the model's weights (NeMo-Aligner's name; ``megatron_amp_O2`` is accepted for compatibility:
     our weight names never carry the O2 ``module.`` prefix)."""
     return model.model_state_dict_in_cpu()
+
+
+@contextlib.contextmanager
+def cpu_weight_swap(model, cpu_state_dict: dict, megatron_amp_O2: bool = False) -> Iterator[None]:
+    """Run the enclosed code with ``cpu_state_dict``'s weights in ``model``; its own weights come back after.
+
+    ``cpu_state_dict`` holds ``model.*`` names (as :func:`retrieve_model_state_dict_in_cpu` returns). Weights are
+    copied in place, so optimizer and DDP references to the parameters stay valid. ``megatron_amp_O2`` is accepted
+    for NeMo-Aligner compatibility (our names never carry O2's ``module.`` prefix).
+    """
+    tensors = _named_model_tensors(model)
+    missing = sorted(set(tensors) - set(cpu_state_dict))
+    if missing:
+        raise KeyError(f"cpu_weight_swap: the state dict lacks {len(missing)} weights, e.g. {missing[:3]}")
+    own = {name: tensor.detach().to("cpu", copy=True) for name, tensor in tensors.items()}
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            tensor.copy_(cpu_state_dict[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                tensor.copy_(own[name])
+
+
+def _named_model_tensors(model) -> dict:
+    """Parameters and persistent buffers of ``model.model`` under their ``model.*`` names."""
+    return {
+        k: v for k, v in model.model.state_dict(prefix="model.", keep_vars=True).items() if isinstance(v, torch.Tensor)
+    }

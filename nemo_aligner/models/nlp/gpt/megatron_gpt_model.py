@@ -137,6 +137,18 @@ class MegatronGPTModel(LightningModule):
         """Per-token log-probs ``[B, S-1]``: entry t is ``log p(input_ids[:, t+1] | input_ids[:, :t+1])``."""
         return shifted_logprobs(self(input_ids, position_ids, attention_mask), input_ids)
 
+    def generate(
+        self,
+        prompts: list[list[int]],
+        sampling_params: DictConfig | dict,
+        length_params: DictConfig | dict,
+        seeds: list[int] | None = None,
+    ) -> Any:
+        """KV-cached generation (a ``GenerationOutput``); see :func:`nemo_aligner.generation.generate`."""
+        from nemo_aligner.generation import generate
+
+        return generate(self, prompts, sampling_params, length_params, seeds)
+
     # ------------------------------------------------------------------ training
     def setup_optimization(self, optim_cfg: DictConfig | dict, max_steps: int, gradient_clip_val: float = 0.0):
         """Wrap the model in megatron-core's DDP and build its optimizer and LR schedule.

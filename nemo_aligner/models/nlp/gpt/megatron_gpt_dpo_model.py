@@ -1,0 +1,231 @@
+"""DPO and its variants (IPO, RPO, scale) on a GPT: chosen and rejected responses scored in one forward.
+
+The per-pair losses live in ``nemo_aligner/losses/preference.py`` (shared with SPIN and Self-Rewarding). This
+model turns a batch of pairs into per-response log-prob sums, takes the reference's from the batch (precomputed,
+see ``nemo_aligner/algorithms/dpo.py``) or computes them itself (CPU-swapped reference weights, or LoRA adapters
+switched off), and reduces loss and metrics over the whole global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from omegaconf import DictConfig
+
+from nemo_aligner.losses.preference import (
+    PREFERENCE_METRIC_SUM_KEYS,
+    finalize_preference_metrics,
+    get_preference_loss,
+    preference_loss_and_metrics,
+)
+from nemo_aligner.models.alignable_interface import SupervisedInterface
+from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, causal_attention_mask
+from nemo_aligner.utils.batching import reduce_metric_sums, split_into_micro_batches
+from nemo_aligner.utils.logprobs import shifted_logprobs
+from nemo_aligner.utils.utils import cpu_weight_swap
+
+REFERENCE_STRATEGIES = ("precomputed", "cpu_weight_swap")
+
+
+def response_logprob_sums(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
+    """Per-sequence sum of log-probs over the masked (response) tokens, and their count. ``[N]`` each.
+
+    ``mask[i, t] = 1`` means token t of sequence i is scored (predicted from position t-1).
+    """
+    response = mask[:, 1:].to(torch.float32)
+    return (shifted_logprobs(logits, tokens) * response).sum(-1), response.sum(-1)
+
+
+def concat_pairs(micro_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen then rejected in one ``[2b, S]`` batch (one forward for both halves of every pair)."""
+    tokens = torch.cat([micro_batch["chosen"], micro_batch["rejected"]])
+    mask = torch.cat([micro_batch["chosen_mask"], micro_batch["rejected_mask"]])
+    return tokens, mask
+
+
+class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
+    """GPT trained with a preference loss from the registry (``model.dpo.preference_loss``).
+
+    Reward of a response: ``r = lp_policy - lp_reference`` over its tokens (sums, or per-token means with
+    ``preference_average_log_probs``). Reported rewards are multiplied by beta (``ref_policy_kl_penalty``).
+    """
+
+    algorithm_key = "dpo"
+
+    def __init__(self, cfg: DictConfig, trainer=None, tokenizer=None):
+        super().__init__(cfg, trainer, tokenizer=tokenizer)
+        settings = cfg[self.algorithm_key]
+        self.preference_loss_name = settings.get("preference_loss", "dpo")
+        get_preference_loss(self.preference_loss_name)  # an unknown name fails here, before training
+        self.ref_policy_kl_penalty = float(settings.get("ref_policy_kl_penalty", 0.2))
+        self.preference_average_log_probs = bool(settings.get("preference_average_log_probs", False))
+        self.sft_average_log_probs = bool(settings.get("sft_average_log_probs", self.preference_average_log_probs))
+        self.gt_reward_scale = float(settings.get("gt_reward_scale", 1.0))
+        self.preference_loss_weight = float(settings.get("preference_loss_weight", 1.0))
+        self.sft_loss_weight = float(settings.get("sft_loss_weight", 0.0))
+        self.log_prob_micro_batch_size = int(settings.get("log_prob_forward_micro_batch_size") or cfg.micro_batch_size)
+        self.reference_strategy = settings.get("reference", "precomputed")
+        if self.reference_strategy not in REFERENCE_STRATEGIES:
+            key = f"model.{self.algorithm_key}.reference"
+            raise ValueError(f"{key}={self.reference_strategy!r}; choose one of {REFERENCE_STRATEGIES}")
+        self.ref_policy_state_dict: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ reference policy
+    @contextlib.contextmanager
+    def reference_policy(self) -> Iterator[None]:
+        """Inside, the model computes the reference policy: adapters off (LoRA) or reference weights swapped in."""
+        adapters = getattr(self, "lora_adapters_disabled", None)
+        if adapters is not None:
+            with adapters():
+                yield
+        elif self.ref_policy_state_dict is not None:
+            with cpu_weight_swap(self, self.ref_policy_state_dict):
+                yield
+        else:
+            raise RuntimeError("no reference policy: set ref_policy_state_dict or use precomputed reference log-probs")
+
+    def get_ref_policy_logprob_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-prob sums ``([B], [B])`` of chosen and rejected responses."""
+        with self.reference_policy():
+            return self.get_logprob_sums(batch)
+
+    @torch.no_grad()
+    def get_logprob_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current-weights log-prob sums of chosen and rejected responses, through the training forward path.
+
+        Same micro batching and concatenation as training, so a frozen policy gives bit-identical values.
+        """
+        was_training = self.training
+        self.eval()
+        micro_batches = split_into_micro_batches(_pair_tensors(batch), self.log_prob_micro_batch_size)
+
+        def forward_step(chunk, micro_batch):
+            tokens, mask = concat_pairs(micro_batch)
+            output = _forward(chunk, tokens)
+
+            def loss_func(logits):
+                sums, _ = response_logprob_sums(logits, tokens, mask)
+                return torch.zeros(()), torch.zeros((), dtype=torch.int), {"sums": sums}
+
+            return output, loss_func
+
+        outputs = self.forward_backward(
+            micro_batches,
+            num_microbatches=len(micro_batches),
+            forward_step=forward_step,
+            forward_only=True,
+            seq_length=batch["chosen"].shape[1],
+            micro_batch_size=self.log_prob_micro_batch_size,
+        )
+        self.train(was_training)
+        sums = broadcast_from_last_pipeline_stage([o["sums"] for o in outputs], batch["chosen"].shape[0] * 2)
+        chosen, rejected = [], []
+        for part in sums.split(2 * self.log_prob_micro_batch_size):
+            half = part.shape[0] // 2
+            chosen.append(part[:half])
+            rejected.append(part[half:])
+        return torch.cat(chosen), torch.cat(rejected)
+
+    # ------------------------------------------------------------------ loss
+    def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
+        if "ref_chosen_logps" not in batch:
+            ref_chosen, ref_rejected = self.get_ref_policy_logprob_sums(batch)
+            batch = {**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+        micro_batch_size = self.cfg.micro_batch_size
+        micro_batches = split_into_micro_batches(_pair_tensors(batch), micro_batch_size)
+        outputs = self.forward_backward(
+            micro_batches,
+            num_microbatches=len(micro_batches),
+            forward_step=self._forward_step,
+            forward_only=forward_only,
+            seq_length=batch["chosen"].shape[1],
+            micro_batch_size=micro_batch_size,
+        )
+        metrics = finalize_preference_metrics(reduce_metric_sums(outputs, PREFERENCE_METRIC_SUM_KEYS))
+        metrics["num_pairs"] = metrics.pop("num_valid_pairs")
+        return metrics["loss"], metrics
+
+    def _forward_step(self, model_chunk, micro_batch: dict):
+        tokens, mask = concat_pairs(micro_batch)
+        output = _forward(model_chunk, tokens)
+        pairs = micro_batch["chosen"].shape[0]
+
+        def loss_func(logits: torch.Tensor):
+            sums, counts = response_logprob_sums(logits, tokens, mask)
+            counts = counts.clamp(min=1)
+            ref = torch.cat([micro_batch["ref_chosen_logps"], micro_batch["ref_rejected_logps"]]).to(sums)
+            policy_pref, ref_pref = (sums / counts, ref / counts) if self.preference_average_log_probs else (sums, ref)
+            sft = sums[:pairs] / counts[:pairs] if self.sft_average_log_probs else sums[:pairs]
+            out = preference_loss_and_metrics(
+                policy_pref[:pairs],
+                policy_pref[pairs:],
+                ref_pref[:pairs],
+                ref_pref[pairs:],
+                micro_batch["valid"],
+                beta=self.ref_policy_kl_penalty,
+                loss_name=self.preference_loss_name,
+                gt_chosen=micro_batch["chosen_rewards"].to(sums),
+                gt_rejected=micro_batch["rejected_rewards"].to(sums),
+                gt_reward_scale=self.gt_reward_scale,
+                preference_loss_weight=self.preference_loss_weight,
+                sft_loss_weight=self.sft_loss_weight,
+                sft_chosen=sft,
+            )
+            return out.loss_sum, out.num_valid, out.metric_sums
+
+        return output, loss_func
+
+    def prepare_for_training_step(self) -> None:
+        self.train()
+        self.zero_grad_buffers()
+
+    def prepare_for_validation_step(self) -> None:
+        self.eval()
+
+    def finish_validation_step(self) -> None:
+        self.train()
+
+
+def _forward(model_chunk, tokens: torch.Tensor) -> torch.Tensor:
+    return model_chunk(
+        input_ids=tokens,
+        position_ids=torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
+        attention_mask=causal_attention_mask(tokens.shape[1], tokens.device),
+    )
+
+
+_PAIR_KEYS = (
+    "chosen",
+    "rejected",
+    "chosen_mask",
+    "rejected_mask",
+    "chosen_rewards",
+    "rejected_rewards",
+    "valid",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+)
+
+
+def _pair_tensors(batch: dict) -> dict:
+    """The per-pair tensors of a batch (what the forward steps read)."""
+    return {k: batch[k] for k in _PAIR_KEYS if k in batch}
+
+
+def broadcast_from_last_pipeline_stage(parts: list[torch.Tensor], total: int) -> torch.Tensor:
+    """Per-sample values computed on the last pipeline stage, on every stage (one process: just concatenated)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return torch.cat(parts)
+    values = torch.cat(parts) if parts else torch.empty(total, device=torch.cuda.current_device())
+    values = values.to(torch.cuda.current_device()).float()
+    dist.broadcast(
+        values,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return values.cpu()

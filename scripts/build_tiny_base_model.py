@@ -1,0 +1,72 @@
+"""Build (once) the embedded default's starting model: the tiny byte-level GPT after SFT on the bundled data.
+
+    python scripts/build_tiny_base_model.py                    # prints the path of the cached .nemo
+    python scripts/build_tiny_base_model.py --steps 300 --cache_dir /tmp/cache
+
+The model is trained from scratch with examples/nlp/gpt/conf/gpt_sft.yaml (random init, deterministic seed),
+so the same code and data always give the same file. It is cached under ``--cache_dir`` (default
+``$NEMO_ALIGNER_CACHE`` or ``~/.cache/nemo_aligner``) keyed by the steps, the config and the data, and reused.
+DPO, SPIN and Self-Rewarding on the embedded default start from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_STEPS = 500
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NEMO_ALIGNER_CACHE", Path.home() / ".cache" / "nemo_aligner"))
+
+
+def build_tiny_base_model(steps: int = DEFAULT_STEPS, cache_dir: Path | None = None, extra_overrides=()) -> Path:
+    """Path of the cached SFT model for ``steps`` steps, training it first if needed."""
+    sys.path.insert(0, str(REPO))
+    from examples.nlp.gpt.train_gpt_sft import main as sft_main
+    from nemo_aligner.utils.config import compose_config
+
+    conf_dir = REPO / "examples" / "nlp" / "gpt" / "conf"
+    overrides = [
+        f"trainer.sft.max_steps={steps}",
+        "trainer.sft.max_epochs=100",
+        f"trainer.sft.val_check_interval={steps}",
+        f"trainer.sft.save_interval={steps}",
+        "trainer.sft.limit_val_batches=4",
+        f"model.optim.sched.warmup_steps={max(steps // 20, 1)}",
+        *extra_overrides,
+    ]
+    key = hashlib.sha256()
+    key.update((conf_dir / "gpt_sft.yaml").read_bytes())
+    key.update(repr(overrides).encode())
+    for name in ("chat_train.jsonl", "chat_validation.jsonl"):
+        key.update((REPO / "nemo_aligner" / "data" / "embedded" / name).read_bytes())
+    cache_dir = Path(cache_dir or default_cache_dir())
+    target = cache_dir / f"tiny_sft_{steps}steps_{key.hexdigest()[:12]}.nemo"
+    if target.is_file():
+        return target
+    work = cache_dir / f".build-{key.hexdigest()[:12]}"
+    shutil.rmtree(work, ignore_errors=True)
+    sft_main(compose_config(conf_dir, "gpt_sft", [f"exp_manager.explicit_log_dir={work}", *overrides]))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    os.replace(work / "checkpoints" / "megatron_gpt_sft.nemo", target)
+    shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="SFT optimizer steps")
+    parser.add_argument("--cache_dir", type=Path, default=None, help="where the .nemo is cached")
+    args = parser.parse_args(argv)
+    print(build_tiny_base_model(args.steps, args.cache_dir))
+
+
+if __name__ == "__main__":
+    main()
