@@ -321,6 +321,8 @@ class MegatronGPTModel(LightningModule):
             artifact_dir = tempfile.mkdtemp(prefix="nemo_aligner_artifacts_")
             cfg = _with_owned_artifacts(cfg, unpacked, artifact_dir)
             layout = nemo_file.detect_weights_layout(unpacked)
+            if layout == "torch_dist":
+                cfg = _with_stored_vocab_size(cfg, unpacked / nemo_file.MODEL_WEIGHTS_DIR)
             model = cls(cfg, trainer=trainer, **model_kwargs)
             model._artifact_dir = artifact_dir
             weakref.finalize(model, shutil.rmtree, artifact_dir, True)
@@ -352,6 +354,24 @@ class MegatronGPTModel(LightningModule):
                 f"{source}: the stored weights do not fit the model built from its config "
                 f"(architecture or shape mismatch): {err}"
             ) from err
+
+
+def _with_stored_vocab_size(cfg: DictConfig, weights_dir: Path) -> DictConfig:
+    """Keep the checkpoint's padded vocabulary size when loading at another tensor-parallel size.
+
+    NeMo pads the vocabulary to a multiple of ``make_vocab_size_divisible_by x TP``, so the same model would get
+    a different embedding size at another TP. The stored rows are reused whenever TP divides them.
+    """
+    if cfg.get("override_vocab_size"):
+        return cfg
+    stored = nemo_file.read_dcp_metadata(weights_dir).state_dict_metadata.get("model.embedding.word_embeddings.weight")
+    tp = int(cfg.get("tensor_model_parallel_size", 1) or 1)
+    if stored is None or stored.size[0] % tp != 0:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.override_vocab_size = int(stored.size[0])
+    return cfg
 
 
 def _check_stored_shapes(sharded_state_dict: dict, weights_dir: Path) -> None:
