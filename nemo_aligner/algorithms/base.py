@@ -191,18 +191,24 @@ class BaseTrainer:
     def fit(self) -> None:
         """Train until ``max_steps``, validating and saving on schedule; stop cleanly on SIGTERM or time-out."""
         self.model.prepare_for_training()
-        progress = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not is_global_rank_zero())
-        with PreemptionHandler() as preemption:
-            while self.step < self.max_steps:
-                if self.run_epoch(progress, preemption):
-                    break
-        progress.close()
+        with self.progress_bar() as progress, PreemptionHandler() as preemption:
+            self.train_until(self.max_steps, progress, preemption)
         self.model.finish_training()
         if self.logger is not None:
             self.logger.finalize()
 
-    def run_epoch(self, progress, preemption: PreemptionHandler) -> bool:
-        """The rest of the current epoch; returns True when the run must stop (done, SIGTERM or time-out)."""
+    def progress_bar(self):
+        return tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not is_global_rank_zero())
+
+    def train_until(self, stop_step: int, progress, preemption: PreemptionHandler) -> bool:
+        """Epochs until ``step == stop_step``; returns True when the whole run must stop (done, SIGTERM, time-out)."""
+        while self.step < stop_step:
+            if self.run_epoch(progress, preemption, stop_step):
+                return True
+        return self.step >= self.max_steps
+
+    def run_epoch(self, progress, preemption: PreemptionHandler, stop_step: int) -> bool:
+        """The rest of the current epoch (or until ``stop_step``); returns True when the run must stop."""
         epoch = self.epoch
         epoch_samples = self.full_epoch_steps * self.global_batch_size
         steps_done_in_epoch = (self.consumed_samples - epoch * epoch_samples) // self.global_batch_size
@@ -221,9 +227,11 @@ class BaseTrainer:
             progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "acc", "lr")})
             if self.after_step(preemption, is_last=self.step >= self.max_steps):
                 return True
+            if self.step >= stop_step:
+                return False
         # Epoch done, or cut short by limit_train_batches: the next one starts at its own first batch.
         self.consumed_samples = (epoch + 1) * epoch_samples
-        return self.step >= self.max_steps
+        return False
 
     def after_step(self, preemption: PreemptionHandler, is_last: bool) -> bool:
         """Validate and save on schedule; returns True when the run must stop now."""

@@ -8,7 +8,7 @@ containers still ship. Everything else in the project imports megatron names fro
 from __future__ import annotations
 
 import importlib.util
-import multiprocessing
+import queue
 import warnings
 
 from megatron.core import package_info
@@ -49,15 +49,16 @@ _write_results_queue = None
 
 
 def _in_process_write_results_queue():
-    """A fork-context queue for megatron's synchronous checkpoint writer.
+    """An in-process queue for megatron's synchronous checkpoint writer.
 
     megatron-core 0.16 creates this queue through a ``spawn``-started ``multiprocessing.Manager``, which costs
     several seconds per process (the child re-imports torch) and re-runs an unguarded ``__main__``. Our saves
-    are synchronous, so the queue only passes results inside this process and its forked writers.
+    are synchronous: the writer's results are put and read by this process only (its forked workers report
+    through their own queue), so a plain thread-safe queue, whose ``put`` is immediately visible, is enough.
     """
     global _write_results_queue
     if _write_results_queue is None:
-        _write_results_queue = multiprocessing.get_context("fork").Queue()
+        _write_results_queue = queue.Queue()
     return _write_results_queue
 
 

@@ -411,7 +411,9 @@ class DPOCollate:
         batch["rejected_mask"] = response_mask(rejected_lengths, prompt_lengths, width)
         for side in ("chosen", "rejected"):
             batch[f"{side}_rewards"] = torch.tensor([item[f"{side}_reward"] for item in items], dtype=torch.float32)
-        batch["valid"] = (sample_index != FILLER_INDEX).float()
+        # Fillers, and pairs an algorithm marked invalid (e.g. SPIN generations equal to the ground truth), add 0.
+        marked = torch.tensor([bool(item.get("valid", True)) for item in items])
+        batch["valid"] = ((sample_index != FILLER_INDEX) & marked).float()
         batch["sample_index"] = sample_index
         batch["prompt_lengths"] = prompt_lengths
         batch["chosen_lengths"] = chosen_lengths
