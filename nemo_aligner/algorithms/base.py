@@ -244,12 +244,7 @@ class BaseTrainer:
         return stop or is_last
 
     def save(self, is_train_end: bool = False) -> None:
-        candidates = {
-            **{f"val_{k}": v for k, v in self.last_val_metrics.items()},
-            "step": self.step,
-            "consumed_samples": self.consumed_samples,
-            "epoch": self.epoch,
-        }
+        candidates = {**{f"val_{k}": v for k, v in self.last_val_metrics.items()}, **self.state_dict()}
         self.ckpt_callback.custom_save(monitor_candidates=candidates, is_train_end=is_train_end)
 
     def log(self, metrics: Mapping[str, float], prefix: str) -> None:

@@ -71,7 +71,7 @@ def hydra_runner(config_path: str, config_name: str):
 
             caller_dir = Path(sys.modules[task.__module__].__file__).resolve().parent
             absolute = str((caller_dir / config_path).resolve())
-            sys.argv = [sys.argv[0], *HYDRA_DEFAULT_OVERRIDES, *sys.argv[1:]]
+            sys.argv = [*sys.argv, *HYDRA_DEFAULT_OVERRIDES]
             return hydra.main(config_path=absolute, config_name=config_name, version_base=None)(task)()
 
         return wrapper

@@ -180,6 +180,7 @@ class TrainingData:
     tokenizer: Any
     train_dataloader: Any
     val_dataloader: Any
+    sft_train_dataset: Any = None
 
 
 def build_sft_data(cfg: DictConfig, model_cfg: DictConfig, restore_path: str | None, max_steps: int) -> TrainingData:
@@ -263,13 +264,14 @@ def setup_model_and_trainer_state(
     total_steps: int | None = None,
     configure_model: Callable[[Any], None] | None = None,
     before_resume: Callable[[Any], None] | None = None,
+    nemo_fn: Callable[[Any, Path], None] | None = None,
     **loop_kwargs: Any,
 ):
     """Build the model, its optimizer and LR schedule, the loop and its checkpoint callback; resume if asked.
 
     ``configure_model(model)`` runs before the optimizer is built (e.g. LoRA, a reference-policy copy);
     ``before_resume(loop)`` runs before a trainer checkpoint is loaded (e.g. precomputing reference log-probs with
-    the initial weights).
+    the initial weights). ``nemo_fn(model, path)`` exports the model (default: ``model.save_to(path)``).
     """
     model = build_model(model_cls, model_cfg, restore_path, trainer, data.tokenizer)
     if configure_model is not None:
@@ -287,8 +289,9 @@ def setup_model_and_trainer_state(
         run_timer=RunTimer(cfg.exp_manager.get("max_time_per_run")),
         **loop_kwargs,
     )
+    export = (lambda path: nemo_fn(model, path)) if nemo_fn is not None else model.save_to
     loop.ckpt_callback = CheckpointCallback(
-        experiment, cfg.exp_manager.get("checkpoint_callback_params"), loop.checkpoint_state, model.save_to
+        experiment, cfg.exp_manager.get("checkpoint_callback_params"), loop.checkpoint_state, export
     )
     if before_resume is not None:
         before_resume(loop)
@@ -366,6 +369,25 @@ def build_dpo_data(cfg: DictConfig, model_cfg: DictConfig, restore_path: str | N
     )
 
 
+def uses_lora(model_cfg: DictConfig) -> bool:
+    return (model_cfg.get("peft") or {}).get("peft_scheme", "none") == "lora"
+
+
+def export_lora_run(model, path: Path) -> None:
+    """A LoRA run's export: the adapters alone (``<name>.lora/``), small and loadable onto the base model."""
+    from nemo_aligner.models.nlp.gpt.lora import save_lora_adapters
+
+    save_lora_adapters(model, Path(path).with_suffix(".lora"))
+
+
+def merge_lora_and_save(model, path: Path) -> None:
+    """Fold the adapters into the base weights and write a full ``.nemo`` that loads as a plain GPT."""
+    from nemo_aligner.models.nlp.gpt.lora import merge_lora_adapters
+
+    merge_lora_adapters(model)
+    model.save_to(path)
+
+
 def configure_peft(model, model_cfg: DictConfig) -> None:
     """Apply ``model.peft`` (LoRA) to a freshly built model, before its optimizer exists."""
     peft = model_cfg.get("peft") or {}
@@ -374,3 +396,100 @@ def configure_peft(model, model_cfg: DictConfig) -> None:
     from nemo_aligner.models.nlp.gpt.lora import apply_lora
 
     apply_lora(model, peft)
+
+
+def validate_spin_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int, loop: str = "spin") -> None:
+    """Every SPIN (and Self-Rewarding) config problem at once, before anything expensive."""
+    from nemo_aligner.generation import LengthParams, SamplingParams
+    from nemo_aligner.losses.preference import PREFERENCE_LOSSES
+    from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import REFERENCE_STRATEGIES
+
+    view = config_view(cfg, model_cfg)
+    checker = ConfigChecker(view)
+    if not checker.get("pretrained_checkpoint.restore_from_path"):
+        checker.add("pretrained_checkpoint.restore_from_path", "is missing: name the model to align")
+    data_parallel_size = validate_common(checker, loop, world_size)
+    checker.integer(f"trainer.{loop}.max_iterations", minimum=1)
+    check_batch_sizes(checker, "model.micro_batch_size", "model.global_batch_size", data_parallel_size)
+    checker.choice("model.spin.preference_loss", PREFERENCE_LOSSES)
+    checker.choice("model.spin.reference", REFERENCE_STRATEGIES, required=False)
+    checker.integer("model.spin.rollout_micro_batch_size", minimum=1)
+    checker.integer("model.spin.log_prob_forward_micro_batch_size", minimum=1, required=False)
+    penalty = checker.get("model.spin.ref_policy_kl_penalty")
+    iterations = checker.get(f"trainer.{loop}.max_iterations")
+    if hasattr(penalty, "__len__") and not isinstance(penalty, str):
+        if isinstance(iterations, int) and len(penalty) < iterations:
+            checker.add(
+                "model.spin.ref_policy_kl_penalty",
+                f"has {len(penalty)} values but trainer.{loop}.max_iterations is {iterations}: give one per iteration",
+            )
+    else:
+        checker.number("model.spin.ref_policy_kl_penalty", minimum=0)
+    for key, parser in (("sampling_params", SamplingParams), ("length_params", LengthParams)):
+        try:
+            parser.from_config(checker.get(f"model.spin.{key}") or {})
+        except ValueError as err:
+            checker.add(f"model.spin.{key}", str(err))
+    for split in ("train_ds", "validation_ds"):
+        checker.existing_files(f"model.data.{split}.file_path")
+    if checker.get("model.data.sample") and (checker.get(f"trainer.{loop}.max_steps", -1) or -1) <= 0:
+        checker.add(
+            "model.data.sample", f"needs trainer.{loop}.max_steps > 0 (the number of samples is max_steps x GBS)"
+        )
+    checker.raise_if_any()
+    context = int(model_cfg.encoder_seq_length)
+    keys = ("model.data.train_ds.max_seq_length", "model.data.validation_ds.max_seq_length")
+    clamp_lengths_to_context(cfg, keys, context)
+    clamp_lengths_to_context(model_cfg, ("spin.length_params.max_length",), context)
+
+
+def build_spin_data(cfg: DictConfig, model_cfg: DictConfig, restore_path: str | None, max_steps: int) -> TrainingData:
+    """Prompts + ground truth (SFT data) for the rollouts, a pairs dataloader, and the SFT validation loader."""
+    from megatron.core import parallel_state
+
+    from nemo_aligner.algorithms.spin import SPINPairsDataset, spin_custom_collate
+    from nemo_aligner.data.nlp.builders import (
+        build_collate,
+        build_dataloader,
+        build_sft_dataset,
+        build_train_sampler,
+        build_validation_sampler,
+        num_samples_for,
+    )
+    from nemo_aligner.data.nlp.collate import resolve_pad_id
+    from nemo_aligner.data.nlp.jsonl import check_global_batch_fits
+    from nemo_aligner.utils.utils import build_tokenizer_for
+
+    set_model_parallel_from_config(model_cfg)
+    tokenizer = build_tokenizer_for(model_cfg, restore_path)
+    data_cfg = cfg.model.data
+    train_cfg, val_cfg = data_cfg.train_ds, data_cfg.validation_ds
+    gbs, seed = int(model_cfg.global_batch_size), int(model_cfg.get("seed", 1234))
+    sft_train = build_sft_dataset(data_cfg, train_cfg, tokenizer, seed, num_samples_for(data_cfg, max_steps, gbs))
+    val_ds = build_sft_dataset(data_cfg, val_cfg, tokenizer, seed)
+    check_global_batch_fits(train_cfg.file_path, len(sft_train), gbs)
+    dp = {
+        "data_parallel_rank": parallel_state.get_data_parallel_rank(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+    }
+    pairs = SPINPairsDataset(sft_train, resolve_pad_id(tokenizer))
+    train_sampler = build_train_sampler(train_cfg, pairs, gbs, seed=seed, **dp)
+    collate = spin_custom_collate(resolve_pad_id(tokenizer), None, int(model_cfg.encoder_seq_length))
+    return TrainingData(
+        tokenizer=tokenizer,
+        train_dataloader=build_dataloader(pairs, train_sampler, collate, {"num_workers": 0}),
+        val_dataloader=build_dataloader(
+            val_ds, build_validation_sampler(val_cfg, val_ds, gbs, **dp), build_collate(val_cfg, tokenizer), data_cfg
+        ),
+        sft_train_dataset=sft_train,
+    )
+
+
+def planned_iteration_steps(loop_cfg: DictConfig, steps_per_epoch: int) -> int:
+    """Total optimizer steps of an iterated run (SPIN, Self-Rewarding): one LR schedule spans all iterations."""
+    from nemo_aligner.algorithms.base import limited
+
+    per_epoch = max(limited(steps_per_epoch, loop_cfg.get("limit_train_batches", 1.0)), 1)
+    total = int(loop_cfg.get("max_iterations", 1)) * int(loop_cfg.get("max_epochs", 1)) * per_epoch
+    max_steps = int(loop_cfg.get("max_steps", -1) or -1)
+    return total if max_steps < 0 else min(max_steps, total)

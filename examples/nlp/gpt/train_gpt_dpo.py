@@ -27,9 +27,12 @@ from nemo_aligner.utils.exp_manager import CustomLoggerWrapper, exp_manager
 from nemo_aligner.utils.train_script_utils import (
     build_dpo_data,
     configure_peft,
+    export_lora_run,
+    merge_lora_and_save,
     model_config_for_training,
     resolve_and_create_trainer,
     setup_model_and_trainer_state,
+    uses_lora,
     validate_dpo_config,
 )
 from nemo_aligner.utils.utils import retrieve_model_state_dict_in_cpu
@@ -95,8 +98,12 @@ def main(cfg: DictConfig) -> None:
         data,
         configure_model=configure_model,
         before_resume=precompute_reference,
+        nemo_fn=export_lora_run if uses_lora(model_cfg) else None,
     )
     dpo_trainer.fit()
+    if uses_lora(model_cfg) and dpo_trainer.step >= dpo_trainer.max_steps:
+        # The adapters were exported beside the checkpoints; the final .nemo is the merged, full model.
+        merge_lora_and_save(dpo_trainer.model, dpo_trainer.ckpt_callback.final_nemo_path)
 
 
 if __name__ == "__main__":

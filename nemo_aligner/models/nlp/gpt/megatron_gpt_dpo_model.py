@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from nemo_aligner.losses.preference import (
     PREFERENCE_METRIC_SUM_KEYS,
@@ -59,7 +59,9 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         settings = cfg[self.algorithm_key]
         self.preference_loss_name = settings.get("preference_loss", "dpo")
         get_preference_loss(self.preference_loss_name)  # an unknown name fails here, before training
-        self.ref_policy_kl_penalty = float(settings.get("ref_policy_kl_penalty", 0.2))
+        penalty = settings.get("ref_policy_kl_penalty", 0.2)
+        # SPIN allows one value per iteration (a list); its first iteration's value is the starting beta.
+        self.ref_policy_kl_penalty = float(penalty[0] if isinstance(penalty, (list, tuple, ListConfig)) else penalty)
         self.preference_average_log_probs = bool(settings.get("preference_average_log_probs", False))
         self.sft_average_log_probs = bool(settings.get("sft_average_log_probs", self.preference_average_log_probs))
         self.gt_reward_scale = float(settings.get("gt_reward_scale", 1.0))

@@ -216,9 +216,13 @@ class MegatronGPTModel(LightningModule):
         return success, grad_norm
 
     # ------------------------------------------------------------------ state dicts
-    def sharded_state_dict(self, prefix: str = "") -> dict:
-        """megatron-core sharded state dict of the weights, with NeMo's names (``model.decoder...``)."""
+    def weights_sharded_state_dict(self, prefix: str = "") -> dict:
+        """megatron-core sharded state dict of the weights, with NeMo's names (``model.decoder...``): a ``.nemo``."""
         return self.model.sharded_state_dict(prefix=f"{prefix}model.")
+
+    def sharded_state_dict(self, prefix: str = "") -> dict:
+        """What a trainer checkpoint stores for this model: the weights (subclasses add e.g. a reference policy)."""
+        return self.weights_sharded_state_dict(prefix)
 
     def model_state_dict_in_cpu(self) -> dict[str, torch.Tensor]:
         """A detached CPU copy of this rank's weights (the reference-policy snapshot of DPO/SPIN)."""
@@ -235,8 +239,8 @@ class MegatronGPTModel(LightningModule):
         """Load weights saved with megatron-core distributed checkpointing (any TP/PP layout) into this model."""
         from megatron.core.dist_checkpointing.validation import StrictHandling
 
-        _check_stored_shapes(self.sharded_state_dict(), Path(weights_dir))
-        sharded = self.sharded_state_dict()
+        _check_stored_shapes(self.weights_sharded_state_dict(), Path(weights_dir))
+        sharded = self.weights_sharded_state_dict()
         strictness = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_UNEXPECTED
         loaded = dist_checkpointing.load(sharded, str(weights_dir), strict=strictness)
         self.load_model_state_dict(loaded, strict=strict)
@@ -244,7 +248,7 @@ class MegatronGPTModel(LightningModule):
     def save_weights_to_distributed_checkpoint(self, weights_dir: str | Path) -> None:
         """Write this model's weights (every rank's shard) as a torch_dist checkpoint; a collective call."""
         Path(weights_dir).mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(self.sharded_state_dict(), str(weights_dir))
+        dist_checkpointing.save(self.weights_sharded_state_dict(), str(weights_dir))
 
     # ------------------------------------------------------------------ .nemo files
     def save_to(self, save_path: str | Path, packed: bool = True) -> None:

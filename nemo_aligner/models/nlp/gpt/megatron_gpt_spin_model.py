@@ -1,0 +1,151 @@
+"""SPIN: Self-Play Fine-Tuning (Chen et al. 2024, "Self-Play Fine-Tuning Converts Weak Language Models to Strong
+Language Models", arXiv 2401.01335).
+
+SPIN is the DPO loss with chosen = the ground-truth SFT response ("actual") and rejected = the response the
+iteration-start policy generated ("generated"); the reference of iteration t is the policy at the end of
+iteration t-1. The loss itself comes from the shared registry (``nemo_aligner/losses/preference.py``) through
+the DPO model this class extends; this class adds what SPIN needs on top: the per-iteration KL penalty, the
+reference weights held in CPU memory (optional: by default the trainer precomputes reference log-probs in the
+rollout phase), Adam-state offload during generation, and the plain SFT loss used for validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from omegaconf import DictConfig, ListConfig
+
+from nemo_aligner.models.nlp.gpt.gpt_sft_model import GPTSFTModel
+from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel, concat_pairs
+from nemo_aligner.utils.utils import _named_model_tensors, cpu_weight_swap
+
+REFERENCE_PREFIX = "reference_policy."
+
+
+class MegatronGPTSPINModel(MegatronGPTDPOModel):
+    """GPT trained by SPIN (keys under ``model.spin``); metrics name the pair sides ``actual`` and ``generated``."""
+
+    algorithm_key = "spin"
+
+    def __init__(self, cfg: DictConfig, trainer=None, tokenizer=None):
+        super().__init__(cfg, trainer, tokenizer=tokenizer)
+        self.spin_config = cfg.spin
+        self.offload_adam = bool(cfg.spin.get("offload_adam_states", True))
+        self._offloaded_optimizer_state: list | None = None
+        self.set_KL_penalty_by_iteration(0)
+
+    # ------------------------------------------------------------------ KL schedule
+    def set_KL_penalty_by_iteration(self, iteration: int) -> None:
+        """beta for iteration ``iteration``: ``ref_policy_kl_penalty`` is a scalar or one value per iteration."""
+        penalty = self.spin_config.ref_policy_kl_penalty
+        if isinstance(penalty, (list, tuple, ListConfig)):
+            if iteration >= len(penalty):
+                raise ValueError(
+                    f"model.spin.ref_policy_kl_penalty has {len(penalty)} values; iteration {iteration} needs one"
+                )
+            penalty = penalty[iteration]
+        self.ref_policy_kl_penalty = float(penalty)
+
+    # ------------------------------------------------------------------ losses
+    def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
+        loss, metrics = super().get_loss_and_metrics(batch, forward_only)
+        metrics["rewards_actual_mean"] = metrics.pop("rewards_chosen_mean")
+        metrics["rewards_generated_mean"] = metrics.pop("rewards_rejected_mean")
+        return loss, metrics
+
+    def get_loss_and_metrics_vanilla_sft(self, batch: dict, forward_only: bool = True) -> tuple[float, dict]:
+        """Plain SFT NLL of the ground truth (SPIN's validation: no generation needed)."""
+        return GPTSFTModel.get_loss_and_metrics(self, batch, forward_only)
+
+    def _forward_step(self, model_chunk, micro_batch: dict):
+        if "loss_mask" in micro_batch:  # an SFT batch (validation)
+            return GPTSFTModel._forward_step(self, model_chunk, micro_batch)
+        return super()._forward_step(model_chunk, micro_batch)
+
+    @torch.no_grad()
+    def get_ref_policy_logprobs(self, batch: dict) -> torch.Tensor:
+        """Per-token reference log-probs ``[2B, S-1]`` of actual (first B rows) and generated responses.
+
+        Uses the reference weights held in CPU memory (``ref_policy_state_dict``), swapped in for the call.
+        """
+        tokens, _ = concat_pairs(batch)
+        with self.reference_policy():
+            was_training = self.training
+            self.eval()
+            logprobs = self.get_logprobs(tokens)
+            self.train(was_training)
+        return logprobs
+
+    # ------------------------------------------------------------------ reference weights in checkpoints
+    def sharded_state_dict(self, prefix: str = "") -> dict:
+        """The model's weights, plus the reference weights when this model holds them (CPU-swap strategy)."""
+        state = super().sharded_state_dict(prefix)
+        if self.ref_policy_state_dict is not None:
+            state[REFERENCE_PREFIX] = self._reference_sharded_state_dict(prefix)
+        return state
+
+    def _reference_sharded_state_dict(self, prefix: str) -> dict:
+        """The model's sharding metadata with the reference tensors as data and ``reference_policy.`` keys."""
+        name_of = {id(tensor): name for name, tensor in _named_model_tensors(self).items()}
+        reference = self.weights_sharded_state_dict(prefix)
+
+        def swap(item):
+            if isinstance(item, (ShardedTensor, ShardedTensorFactory)) and id(item.data) in name_of:
+                data = self.ref_policy_state_dict[name_of[id(item.data)]].to(item.data.device)
+                return dataclasses.replace(item, key=REFERENCE_PREFIX + item.key, data=data)
+            return None
+
+        dict_list_map_inplace(swap, reference)
+        return {k: v for k, v in _drop_none(reference).items()}
+
+    def load_model_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load weights; a loaded ``reference_policy.`` part (trainer checkpoints) becomes the reference again."""
+        reference = state_dict.get(REFERENCE_PREFIX)
+        super().load_model_state_dict({k: v for k, v in state_dict.items() if k != REFERENCE_PREFIX}, strict=strict)
+        if reference is not None:
+            self.ref_policy_state_dict = {k: v.detach().to("cpu", copy=True) for k, v in reference.items()}
+
+    # ------------------------------------------------------------------ Adam offload
+    def offload_adam_states(self) -> None:
+        """Move the optimizer's moment tensors off the device (freeing their storage) for the rollout phase."""
+        if not self.offload_adam or self._offloaded_optimizer_state is not None or not hasattr(self, "optimizer"):
+            return
+        saved = []
+        for state in _torch_optimizer_states(self.optimizer):
+            for tensor in state.values():
+                if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
+                    saved.append((tensor, tensor.device, tensor.to("cpu", copy=True)))
+                    tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        self._offloaded_optimizer_state = saved
+
+    def onload_adam_states(self) -> None:
+        """Bring the offloaded moment tensors back, bit for bit."""
+        if self._offloaded_optimizer_state is None:
+            return
+        for tensor, device, copy in self._offloaded_optimizer_state:
+            tensor.data = copy.to(device)
+        self._offloaded_optimizer_state = None
+
+    def get_trainer_state(self) -> dict[str, Any]:
+        return {"ref_policy_kl_penalty": self.ref_policy_kl_penalty}
+
+
+def _torch_optimizer_states(optimizer) -> list[dict]:
+    """Per-parameter state dicts of the torch optimizers inside a megatron (chained/distributed) optimizer."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    states = []
+    for one in inner:
+        torch_optimizer = getattr(one, "optimizer", one)
+        states.extend(torch_optimizer.state.values())
+    return states
+
+
+def _drop_none(tree: dict) -> dict:
+    return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in tree.items() if v is not None}
+
+
+__all__ = ["MegatronGPTSPINModel", "cpu_weight_swap"]
