@@ -56,6 +56,7 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
 
     def __init__(self, cfg: DictConfig, trainer=None, tokenizer=None):
         super().__init__(cfg, trainer, tokenizer=tokenizer)
+        cfg = self.cfg
         settings = cfg[self.algorithm_key]
         self.preference_loss_name = settings.get("preference_loss", "dpo")
         get_preference_loss(self.preference_loss_name)  # an unknown name fails here, before training

@@ -33,8 +33,8 @@ class MegatronGPTSPINModel(MegatronGPTDPOModel):
 
     def __init__(self, cfg: DictConfig, trainer=None, tokenizer=None):
         super().__init__(cfg, trainer, tokenizer=tokenizer)
-        self.spin_config = cfg.spin
-        self.offload_adam = bool(cfg.spin.get("offload_adam_states", True))
+        self.spin_config = self.cfg.spin
+        self.offload_adam = bool(self.spin_config.get("offload_adam_states", True))
         self._offloaded_optimizer_state: list | None = None
         self.set_KL_penalty_by_iteration(0)
 

@@ -1,0 +1,124 @@
+"""Held-out exact-match accuracy of a GPT model on an SFT or chat jsonl file (greedy, KV-cached generation).
+
+The prompts are rendered exactly as in training: the file is read with
+:func:`~nemo_aligner.data.nlp.builders.build_sft_dataset` and each sample's generation prompt and ground-truth
+response come from ``SFTDataset.prompt_and_answer(i)``, the same split SPIN's rollouts use. The model answers
+greedily until an end string (``<extra_id_1>`` by default) or ``max_new_tokens``; the response and the ground truth
+are decoded, their end-of-turn (a trailing end string and the EOS token) removed, and compared with the embedded
+data's :func:`~nemo_aligner.data.embedded.exact_match` (equal after stripping whitespace).
+
+    model = MegatronGPTModel.restore_from("sft.nemo")
+    exact_match_accuracy(model, "chat_test.jsonl", cfg.model.data)
+    # {"accuracy": 0.46, "num_samples": 300, "per_task": {"add": {"accuracy": 0.2, "num_samples": 43}, ...}}
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_aligner.data.embedded import exact_match
+from nemo_aligner.data.nlp.builders import build_sft_dataset
+from nemo_aligner.data.nlp.jsonl import read_jsonl
+from nemo_aligner.tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+
+DEFAULT_END_STRINGS = ("<extra_id_1>",)
+"""Where a chat response ends: the next turn's marker of the ``<extra_id_*>`` template."""
+
+UNKNOWN_TASK = "unknown"
+"""The ``per_task`` key of samples whose jsonl line has no ``task``."""
+
+
+def greedy_sampling_params(end_strings: Sequence[str]) -> dict[str, Any]:
+    """NeMo ``sampling_params`` for greedy decoding that stops at ``end_strings`` (or EOS)."""
+    return {
+        "use_greedy": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "end_strings": list(end_strings),
+        "add_BOS": False,
+        "all_probs": False,
+        "compute_logprob": False,
+    }
+
+
+def response_text(ids: Sequence[int], tokenizer: Tokenizer, end_strings: Sequence[str]) -> str:
+    """Decoded response without its end-of-turn: a trailing EOS id, then one trailing end string, then whitespace.
+
+    The chat ground truth ``"19\\n<extra_id_1>"`` and a generation stopped at ``<extra_id_1>`` both become ``"19"``;
+    a plain-format answer ending with the EOS id loses that id (it may not decode to whitespace).
+    """
+    ids = list(ids)
+    if ids and tokenizer.eos_id is not None and ids[-1] == tokenizer.eos_id:
+        ids = ids[:-1]
+    text = tokenizer.ids_to_text(ids).rstrip()
+    for end in end_strings:
+        if text.endswith(end):
+            text = text[: -len(end)]
+            break
+    return text.strip()
+
+
+def _split_config(data_cfg: Mapping[str, Any], file_path: str, max_seq_length: int) -> dict[str, Any]:
+    """The validation split's settings (prompt template, label key, ...) pointed at ``file_path``."""
+    split = data_cfg.get("validation_ds") or data_cfg.get("train_ds") or {}
+    if isinstance(split, DictConfig):
+        split = OmegaConf.to_container(split, resolve=True)
+    split = {**split, "file_path": str(file_path)}
+    split.setdefault("max_seq_length", max_seq_length)
+    split["max_seq_length"] = min(int(split["max_seq_length"] or max_seq_length), max_seq_length)
+    return split
+
+
+def exact_match_accuracy(
+    model: MegatronGPTModel,
+    file_path: str,
+    data_cfg: Mapping[str, Any],
+    max_samples: int | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 24,
+    end_strings: Sequence[str] = DEFAULT_END_STRINGS,
+) -> dict[str, Any]:
+    """Greedy exact-match accuracy on the first ``max_samples`` prompts (all by default) of an SFT/chat jsonl.
+
+    ``data_cfg`` is the ``model.data`` node of the training config (``chat``, ``chat_prompt_tokens`` and the
+    ``validation_ds`` split's template keys), so prompts render as in training. Returns ``{"accuracy",
+    "num_samples", "per_task": {task: {"accuracy", "num_samples"}}}``, the task taken from each jsonl line's
+    ``task`` key (``"unknown"`` when absent). Prompts are generated in batches of ``batch_size`` grouped by length.
+    Single process (or every tensor-parallel rank with the same inputs).
+    """
+    tokenizer = model.tokenizer
+    split_cfg = _split_config(data_cfg, file_path, model.encoder_seq_length)
+    dataset = build_sft_dataset(data_cfg, split_cfg, tokenizer, seed=int(model.cfg.get("seed", 1234)))
+    tasks = [record.data.get("task", UNKNOWN_TASK) for record in read_jsonl(file_path)]
+    count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    sampling = greedy_sampling_params(end_strings)
+    length = {"max_length": max_new_tokens, "min_length": 0}
+    pairs = [dataset.prompt_and_answer(i) for i in range(count)]
+    # Batches of similar prompt lengths: the KV-cached decoder steps one token at a time past the shortest prompt.
+    order = sorted(range(count), key=lambda i: len(pairs[i][0]))
+    correct: dict[str, list[bool]] = defaultdict(list)
+    for start in range(0, count, batch_size):
+        indices = order[start : start + batch_size]
+        output = model.generate([list(pairs[i][0]) for i in indices], sampling, length)
+        for i, response in zip(indices, output.response_ids):
+            prediction = response_text(response, tokenizer, end_strings)
+            truth = response_text(pairs[i][1], tokenizer, end_strings)
+            correct[tasks[i]].append(exact_match(prediction, truth))
+    hits = sum(sum(values) for values in correct.values())
+    return {
+        "accuracy": hits / count if count else 0.0,
+        "num_samples": count,
+        "per_task": {
+            task: {"accuracy": sum(values) / len(values), "num_samples": len(values)}
+            for task, values in sorted(correct.items())
+        },
+    }

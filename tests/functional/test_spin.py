@@ -1,0 +1,233 @@
+"""SPIN end to end on the embedded default: learning signal, kill-and-resume, the user guide's command and API."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from examples.nlp.gpt.train_gpt_spin import main as spin_main
+from nemo_aligner.checkpoint.nemo_file import open_nemo, read_torch_dist_tensors
+from nemo_aligner.data.nlp.builders import build_sft_dataset
+from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSPINModel
+from nemo_aligner.utils.config import compose_config
+from nemo_aligner.utils.config_validation import ConfigError
+from tests.functional.sft_runs import REPO, SCRIPTS
+
+EMBEDDED = REPO / "nemo_aligner" / "data" / "embedded"
+# Two short iterations: 3 steps each, generation in several rollout batches (so a kill can land inside it).
+FAST_SPIN = [
+    "trainer.spin.max_iterations=2",
+    "trainer.spin.limit_train_batches=3",
+    "trainer.spin.val_check_interval=3",
+    "trainer.spin.save_interval=2",
+    "trainer.spin.limit_val_batches=1",
+    "model.global_batch_size=16",
+    "model.micro_batch_size=8",
+    "model.spin.rollout_micro_batch_size=16",
+]
+
+
+def spin_config(log_dir, model_path, *overrides):
+    return compose_config(
+        SCRIPTS / "conf",
+        "gpt_spin_tiny",
+        [
+            f"exp_manager.explicit_log_dir={log_dir}",
+            f"pretrained_checkpoint.restore_from_path={model_path}",
+            *overrides,
+        ],
+    )
+
+
+def run_spin_subprocess(log_dir, model_path, *overrides, env=None):
+    cmd = [
+        sys.executable,
+        str(SCRIPTS / "train_gpt_spin.py"),
+        "--config-name",
+        "gpt_spin_tiny",
+        f"exp_manager.explicit_log_dir={log_dir}",
+        f"pretrained_checkpoint.restore_from_path={model_path}",
+        *overrides,
+    ]
+    return subprocess.run(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def final_weights(log_dir):
+    with open_nemo(log_dir / "checkpoints" / "megatron_gpt_spin.nemo") as unpacked:
+        return read_torch_dist_tensors(unpacked / "model_weights")
+
+
+@pytest.mark.slow
+def test_kill_during_rollout_and_during_training_then_resume_gives_identical_weights(tmp_path, tiny_sft_model):
+    clean = run_spin_subprocess(tmp_path / "clean", tiny_sft_model, *FAST_SPIN)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    expected = final_weights(tmp_path / "clean")
+    # Iteration 1's rollout (its second generation batch) and iteration 2's second training step.
+    for name, point in (("rollout", "rollout:6"), ("training", "after_step:5")):
+        log_dir = tmp_path / name
+        killed = run_spin_subprocess(log_dir, tiny_sft_model, *FAST_SPIN, env={"NEMO_ALIGNER_KILL_AT": point})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+        resumed = run_spin_subprocess(log_dir, tiny_sft_model, *FAST_SPIN)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        actual = final_weights(log_dir)
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), (name, key)
+
+
+@pytest.mark.slow
+def test_one_iteration_teaches_the_policy_to_prefer_ground_truth(tmp_path, tiny_sft_model):
+    spin_main(
+        spin_config(tmp_path, tiny_sft_model, "trainer.spin.max_iterations=1", "trainer.spin.limit_train_batches=40")
+    )
+    from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+
+    trained = MegatronGPTModel.restore_from(tmp_path / "checkpoints" / "megatron_gpt_spin.nemo").eval()
+    start = MegatronGPTModel.restore_from(tiny_sft_model).eval()
+    data_cfg = {"chat": True}
+    held_out = build_sft_dataset(
+        data_cfg, {"file_path": str(EMBEDDED / "chat_test.jsonl"), "max_seq_length": 128}, start.tokenizer, seed=0
+    )
+    indices = list(range(96))
+    prompts = [list(held_out.prompt_and_answer(i)[0]) for i in indices]
+    sampling = OmegaConf.load(SCRIPTS / "conf" / "gpt_spin.yaml").model.spin.sampling_params
+    generated = start.generate(
+        prompts, sampling, {"max_length": 24, "min_length": 1}, seeds=[10_000 + i for i in indices]
+    )
+
+    def logp(model, prompt, response):
+        tokens = torch.tensor([prompt + response])
+        with torch.no_grad():
+            return model.get_logprobs(tokens)[0, len(prompt) - 1 :].sum().item()
+
+    wins, identical = 0.0, 0
+    for i, response in zip(indices, generated.response_ids):
+        prompt, actual = prompts[i], list(held_out.prompt_and_answer(i)[1])
+        margin = (logp(trained, prompt, actual) - logp(start, prompt, actual)) - (
+            logp(trained, prompt, response) - logp(start, prompt, response)
+        )
+        identical += response == actual
+        wins += 0.5 if response == actual else float(margin > 0)
+    rate = wins / len(indices)
+    print(
+        f"held-out: implicit reward prefers the ground truth over a fresh reference generation in {rate:.3f} "
+        f"({identical} of {len(indices)} generations equal the ground truth and count 1/2)"
+    )
+    assert rate > 0.6
+
+
+SPIN_COMMAND = """python -u ${GPFS}/examples/nlp/gpt/train_gpt_spin.py \
+   trainer.num_nodes=1 trainer.devices=8 \
+   model.micro_batch_size=1 model.global_batch_size=64 \
+   pretrained_checkpoint.restore_from_path=/path/to/megatron_gpt_sft.nemo \
+   "model.data.train_ds.file_path=${TRAIN_DATA_PATH}" \
+   "model.data.validation_ds.file_path=${VALID_DATA_PATH}" \
+   exp_manager.create_wandb_logger=false \
+   exp_manager.wandb_logger_kwargs.project=spin_training \
+   exp_manager.wandb_logger_kwargs.name=spin_training \
+   exp_manager.explicit_log_dir=/results \
+   trainer.spin.max_iterations=1 trainer.spin.max_epochs=1 \
+   model.spin.ref_policy_kl_penalty=0.1 \
+   model.spin.length_params.max_length=2048"""
+
+SCALE_DOWN = [
+    "trainer.devices=1",
+    "model.global_batch_size=4",
+    "trainer.spin.limit_train_batches=2",
+    "trainer.spin.limit_val_batches=1",
+    "model.spin.length_params.max_length=32",
+    "model.spin.rollout_micro_batch_size=8",
+]
+
+
+def spin_command_overrides(**paths):
+    command = SPIN_COMMAND
+    for name, value in paths.items():
+        command = command.replace("${" + name + "}", value)
+    return shlex.split(command)[3:]
+
+
+@pytest.mark.slow
+def test_user_guide_spin_command_runs_with_the_scale_down_suffix(tmp_path, tiny_sft_model):
+    overrides = spin_command_overrides(
+        GPFS=str(REPO),
+        TRAIN_DATA_PATH=str(EMBEDDED / "chat_train.jsonl"),
+        VALID_DATA_PATH=str(EMBEDDED / "chat_validation.jsonl"),
+    )
+    overrides = [
+        o.replace("/path/to/megatron_gpt_sft.nemo", str(tiny_sft_model)).replace("/results", str(tmp_path))
+        for o in overrides
+    ]
+    spin_main(compose_config(SCRIPTS / "conf", "gpt_spin", overrides + SCALE_DOWN))
+    assert (tmp_path / "checkpoints" / "megatron_gpt_spin.nemo").is_file()
+    # The final .nemo is a plain GPT.
+    from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+
+    MegatronGPTModel.restore_from(tmp_path / "checkpoints" / "megatron_gpt_spin.nemo")
+
+
+def test_user_guide_spin_command_composes_and_validates_without_the_suffix(tmp_path):
+    overrides = spin_command_overrides(
+        GPFS="/repo", TRAIN_DATA_PATH=str(tmp_path / "t.jsonl"), VALID_DATA_PATH=str(tmp_path / "v.jsonl")
+    )
+    cfg = compose_config(SCRIPTS / "conf", "gpt_spin", overrides)
+    assert (
+        cfg.trainer.devices == 8
+        and cfg.model.global_batch_size == 64
+        and cfg.model.spin.length_params.max_length == 2048
+    )
+    from nemo_aligner.utils.train_script_utils import validate_spin_config
+
+    with pytest.raises(ConfigError) as info:  # placeholder paths: validation names them, nothing runs
+        validate_spin_config(cfg, cfg.model, world_size=8)
+    assert "restore_from_path" in str(info.value) and "t.jsonl" in str(info.value)
+
+
+def test_kl_penalty_list_shorter_than_iterations_is_a_config_error(tmp_path, tiny_sft_model):
+    cfg = spin_config(tmp_path, tiny_sft_model, "trainer.spin.max_iterations=4")
+    with pytest.raises(
+        ConfigError, match=r"ref_policy_kl_penalty: has 3 values but trainer\.spin\.max_iterations is 4"
+    ):
+        spin_main(cfg)
+
+
+def test_custom_pipeline_example_from_the_user_docs(tmp_path, tiny_sft_model):
+    """The usage example of NeMo-Aligner's MegatronGPTSPINModel page, as written, with our trainer."""
+    from nemo_aligner.algorithms.spin import SPINTrainer, spin_custom_collate  # noqa: F401 (the documented import)
+    from nemo_aligner.utils.train_script_utils import model_config_for_training, resolve_and_create_trainer
+    from nemo_aligner.utils.utils import load_from_nemo, retrieve_model_state_dict_in_cpu
+
+    cfg = spin_config(tmp_path, tiny_sft_model)
+    trainer = resolve_and_create_trainer(cfg, "spin")
+    cfg.model = model_config_for_training(cfg, cfg.pretrained_checkpoint.restore_from_path)
+
+    ptl_model = load_from_nemo(
+        MegatronGPTSPINModel,
+        cfg.model,
+        trainer,
+        strict=True,
+        restore_path=cfg.pretrained_checkpoint.restore_from_path,
+    )
+    # Initialize reference policy from the pretrained model weights
+    ref_policy_state_dict = retrieve_model_state_dict_in_cpu(
+        ptl_model, megatron_amp_O2=cfg.model.get("megatron_amp_O2", False)
+    )
+    ptl_model.ref_policy_state_dict = ref_policy_state_dict
+    # Set KL penalty for iteration 0
+    ptl_model.set_KL_penalty_by_iteration(0)
+
+    assert ptl_model.ref_policy_kl_penalty == cfg.model.spin.ref_policy_kl_penalty[0]
+    assert set(ref_policy_state_dict) == set(ptl_model.model_state_dict_in_cpu())
