@@ -1,4 +1,4 @@
-"""MegatronGPTSPINModel: the SPIN loss and masks by hand, the KL schedule, the reference in checkpoints, Adam offload."""
+"""MegatronGPTSPINModel: SPIN loss and masks by hand, KL schedule, the reference in checkpoints, Adam offload."""
 
 from __future__ import annotations
 
