@@ -26,7 +26,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "ruff>=0.6", "wandb"],
+    "test": ["pytest>=8", "ruff==0.17.6", "wandb"],
     "wandb": ["wandb"],
     # GPU accelerators: used when importable, never required.
     "gpu": ["transformer-engine[pytorch]"],
