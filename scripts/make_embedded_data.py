@@ -8,7 +8,9 @@ Seven short exact-answer tasks (``nemo_aligner.data.embedded.TASKS``), balanced 
 and test (held-out) prompts disjoint. Every sample is written in four formats: ``sft_*`` (NeMo SFT
 ``input``/``output``), ``chat_*`` (NeMo chat ``conversations``), ``dpo_*`` (templated prompt, the correct answer as
 chosen and a plausible wrong one as rejected) and, for train and validation, ``judge_*`` (a candidate answer, half
-of them wrong, with its ground-truth score and a short judgement for Self-Rewarding's judge).
+of them wrong, with its ground-truth score and a short judgement for Self-Rewarding's judge) and ``chat_judge_*``
+(the same judge samples as chat conversations, each followed by a meta-judge comparison of the right judgement with
+a wrong one; mixed into the SFT data of the Self-Rewarding starting model so that it can judge).
 
 The output is a pure function of the arguments: all randomness comes from ``random.Random`` seeded with ints and
 strings (stable across Python versions), lists are never built by iterating over sets, and every answer is checked
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from nemo_aligner.data.embedded import (
     EMBEDDED_DIR,
+    JUDGE_REASONS,
     JUDGE_SCORE_HIGH,
     TASKS,
     answer_for,
@@ -33,6 +36,9 @@ from nemo_aligner.data.embedded import (
     format_response,
     judge_score,
     judgement_for,
+    meta_verdict_for,
+    render_judge_prompt,
+    render_meta_judge_prompt,
 )
 
 logger = logging.getLogger(__name__)
@@ -272,6 +278,34 @@ def judge_records(samples: Sequence[dict], size: int, rng: random.Random) -> lis
     return records
 
 
+def judge_chat_records(judge: Sequence[dict], rng: random.Random) -> list[dict]:
+    """Chat conversations teaching the judge and meta-judge roles: for every judge sample, the judge prompt answered
+    with its judgement, then the meta-judge prompt comparing that judgement with a wrong one (a different score, in a
+    random position) answered with the right one's letter."""
+    scores = sorted(JUDGE_REASONS)
+    records = []
+    for row in judge:
+        right = row["judgement"]
+        wrong = judgement_for(rng.choice([s for s in scores if s != row["score"]]))
+        winner = rng.choice("AB")
+        a, b = (right, wrong) if winner == "A" else (wrong, right)
+        turns = (
+            ("judge", render_judge_prompt(row["prompt"], row["response"]), right),
+            ("meta", render_meta_judge_prompt(row["prompt"], row["response"], a, b), meta_verdict_for(winner)),
+        )
+        for role, question, answer in turns:
+            records.append(
+                {
+                    "system": "",
+                    "mask": "User",
+                    "conversations": [{"from": "User", "value": question}, {"from": "Assistant", "value": answer}],
+                    "task": row["task"],
+                    "id": f"{row['id']}-{role}",
+                }
+            )
+    return records
+
+
 def write_jsonl(path: Path, records: Sequence[dict]) -> None:
     """One JSON object per line, UTF-8, ``\\n`` line ends."""
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -312,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         judge_rng = random.Random(f"{args.seed}/judge/{name}")
         size = getattr(args, f"judge_{name}_size")
         files[f"judge_{name}.jsonl"] = judge_records(splits[name], size, judge_rng)
+        chat_rng = random.Random(f"{args.seed}/chat_judge/{name}")
+        files[f"chat_judge_{name}.jsonl"] = judge_chat_records(files[f"judge_{name}.jsonl"], chat_rng)
     for file_name, records in files.items():
         write_jsonl(args.output_dir / file_name, records)
     counts = {file_name: len(records) for file_name, records in files.items()}

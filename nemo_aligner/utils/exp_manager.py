@@ -8,6 +8,7 @@ and ``create_csv_logger`` (default on), ``create_wandb_logger`` with ``wandb_log
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 import shutil
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.checkpoint import trainer_checkpoint
@@ -67,16 +70,34 @@ def exp_manager(trainer, cfg: DictConfig | Mapping[str, Any] | None) -> Experime
 
 def build_loggers(cfg: DictConfig, log_dir: Path) -> list:
     """TensorBoard and CSV loggers (unless switched off), plus W&B on request (offline works without network)."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
     loggers = []
     if cfg.get("create_tensorboard_logger", True):
         loggers.append(TensorBoardLogger(save_dir=str(log_dir), name="", version="tensorboard"))
     if cfg.get("create_csv_logger", True):
-        loggers.append(CSVLogger(save_dir=str(log_dir), name="", version="csv"))
+        loggers.append(ResumableCSVLogger(save_dir=str(log_dir), name="", version="csv"))
     if cfg.get("create_wandb_logger", False):
         loggers.append(_wandb_logger(cfg, log_dir))
     return loggers
+
+
+class _AppendingCSVWriter(ExperimentWriter):
+    """Keeps an existing ``metrics.csv`` (and its columns) instead of deleting it, as Lightning's writer does."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSV logger, except that a resumed run appends to ``metrics.csv``."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingCSVWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def _wandb_logger(cfg: DictConfig, log_dir: Path):

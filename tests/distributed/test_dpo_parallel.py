@@ -12,6 +12,7 @@ from nemo_aligner.algorithms.dpo import compute_reference_logprobs
 from nemo_aligner.data.nlp.dpo_builders import build_dpo_dataloader, build_dpo_dataset
 from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSPINModel
 from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
 from tests.conftest import perturb_, tiny_model_cfg
 from tests.distributed.multiprocess import run_distributed
@@ -30,16 +31,20 @@ OPTIM = {
 DATA = {"seq_length": 128, "shuffle": False, "drop_last": False}
 
 
-def one_dpo_step(model_path: str, data_path: str, micro_batch_size: int, tp: int, save_path: str | None) -> dict:
+def one_dpo_step(
+    model_path: str, data_path: str, micro_batch_size: int, tp: int, save_path: str | None, spin: bool = False
+) -> dict:
+    """One step of DPO (or of SPIN: the same loss on (actual, generated) pairs, its own model class and keys)."""
+    settings = {"ref_policy_kl_penalty": 0.5, "preference_loss": "dpo", "sft_loss_weight": 0.1}
     overrides = {
         "tensor_model_parallel_size": tp,
         "micro_batch_size": micro_batch_size,
         "global_batch_size": GLOBAL_BATCH,
-        "dpo": {"ref_policy_kl_penalty": 0.5, "preference_loss": "dpo", "sft_loss_weight": 0.1},
+        ("spin" if spin else "dpo"): settings,
         "data": DATA,
     }
     cfg = load_and_override_model_config(model_path, overrides)
-    model = load_from_nemo(MegatronGPTDPOModel, cfg, restore_path=model_path)
+    model = load_from_nemo(MegatronGPTSPINModel if spin else MegatronGPTDPOModel, cfg, restore_path=model_path)
     dataset = build_dpo_dataset(cfg.data, data_path, model.tokenizer)
     loader = build_dpo_dataloader(
         cfg.data,
@@ -81,7 +86,7 @@ def inputs(tmp_path_factory, nemo_fixtures_dir):
 
 def _assert_same(a: dict, b: dict, atol: float) -> None:
     assert a["metrics"]["num_pairs"] == b["metrics"]["num_pairs"] == 6
-    for key in ("loss", "acc", "rewards_chosen_mean", "sft_loss"):
+    for key in ("loss", "acc", "sft_loss", "rewards_all_mean", "rewards_all_std"):
         assert abs(a["metrics"][key] - b["metrics"][key]) < 1e-5, key
     assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
     for key in a["weights"]:
@@ -126,3 +131,25 @@ def test_two_processes_equal_one(tmp_path, inputs, tp):
     }
     # Two ranks reduce in a different order than one process: fp32 rounding only.
     _assert_same(single, merged, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_spin_step_same_for_micro_batch_1_4_and_data_parallel_2(tmp_path, inputs):
+    """SPIN: the pairs' rejected side is the generation; two fillers are masked pairs in the global batch."""
+    model_path, data_path, _ = inputs
+    one = one_dpo_step(model_path, data_path, 1, 1, None, spin=True)
+    assert "rewards_actual_mean" in one["metrics"]
+    _assert_same(one, one_dpo_step(model_path, data_path, 4, 1, None, spin=True), atol=1e-6)
+    ranks = run_distributed(
+        "tests.distributed.test_dpo_parallel:one_dpo_step",
+        nprocs=2,
+        out_dir=tmp_path / "out",
+        model_path=model_path,
+        data_path=data_path,
+        micro_batch_size=2,
+        tp=1,
+        save_path=None,
+        spin=True,
+    )
+    for rank in ranks:
+        _assert_same(one, rank, atol=1e-6)

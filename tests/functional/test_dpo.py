@@ -155,3 +155,32 @@ def test_unknown_preference_loss_is_a_config_error(tmp_path, tiny_sft_model):
     cfg = dpo_config(tmp_path, tiny_sft_model, *FAST_DPO, "model.dpo.preference_loss=kto")
     with pytest.raises(ConfigError, match=r"model\.dpo\.preference_loss: 'kto' is not one of"):
         dpo_main(cfg)
+
+
+@pytest.mark.slow
+def test_lora_reference_is_the_base_model_with_adapters_off(tmp_path, tiny_sft_model):
+    """LoRA: precomputed reference and the per-step adapters-off reference give the same losses."""
+    lora = ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=8", "model.optim.lr=1e-3"]
+    losses = {}
+    for strategy in ("precomputed", "cpu_weight_swap"):  # with LoRA the per-step reference is adapters-off
+        log_dir = tmp_path / strategy
+        dpo_main(dpo_config(log_dir, tiny_sft_model, *FAST_DPO, *lora, f"model.dpo.reference={strategy}"))
+        rows = train_rows(log_dir)
+        assert float(rows[0]["train/loss"]) == pytest.approx(math.log(2), abs=1e-6)
+        losses[strategy] = [float(r["train/loss"]) for r in rows]
+        assert (log_dir / "checkpoints" / "megatron_gpt_dpo.lora").is_dir()  # the adapters alone
+        assert (log_dir / "checkpoints" / "megatron_gpt_dpo.nemo").is_file()  # merged, a plain GPT
+    assert losses["precomputed"][2] < losses["precomputed"][0]
+    assert losses["precomputed"] == pytest.approx(losses["cpu_weight_swap"], abs=1e-5)
+
+
+def test_resume_reuses_the_precomputed_reference(tmp_path, tiny_sft_model, caplog):
+    dpo_main(dpo_config(tmp_path, tiny_sft_model, *FAST_DPO, "exp_manager.max_time_per_run=00:00:00:00"))
+    assert [float(r["step"]) for r in train_rows(tmp_path)] == [1]  # stopped after one step, with a checkpoint
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nemo_aligner"):
+        dpo_main(dpo_config(tmp_path, tiny_sft_model, *FAST_DPO))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("Reusing precomputed reference log-probs" in m for m in messages)
+    assert any("Resumed at step 1" in m for m in messages)
+    assert [r["step"] for r in train_rows(tmp_path)] == ["1", "2", "3"]

@@ -47,6 +47,13 @@ with the tokenizer's EOS, not ``END_OF_TURN`` (train on the ``chat_*`` files whe
 JUDGE_PROMPT_TEMPLATE = "Rate the answer.\nQuestion: {{ prompt }}\nAnswer: {{ response }}"
 """Jinja judge prompt (``model.spin.llm_judge_prompt``) for the judge split, kept short for a tiny model's context."""
 
+META_JUDGE_PROMPT_TEMPLATE = (
+    "Which judgement is right?\nQuestion: {{ prompt }}\nAnswer: {{ response }}\n"
+    "Judgement A: {{ judgement_a }}\nJudgement B: {{ judgement_b }}"
+)
+"""Jinja meta-judge prompt (``model.spin.llm_meta_judge_prompt``) for the judge split's comparisons; the target
+answer is ``Winner: Judgement A`` or ``Winner: Judgement B`` (``meta_verdict_for``)."""
+
 JUDGE_SCORE_LOW = 0
 """Lowest judge score (``model.spin.judge_score_low``)."""
 
@@ -82,6 +89,20 @@ def format_response(answer: str) -> str:
 def render_judge_prompt(prompt: str, response: str) -> str:
     """``JUDGE_PROMPT_TEMPLATE`` filled in (plain substitution, what Jinja renders for these strings)."""
     return JUDGE_PROMPT_TEMPLATE.replace("{{ prompt }}", prompt).replace("{{ response }}", response)
+
+
+def render_meta_judge_prompt(prompt: str, response: str, judgement_a: str, judgement_b: str) -> str:
+    """``META_JUDGE_PROMPT_TEMPLATE`` filled in (plain substitution, what Jinja renders for these strings)."""
+    values = {"prompt": prompt, "response": response, "judgement_a": judgement_a, "judgement_b": judgement_b}
+    text = META_JUDGE_PROMPT_TEMPLATE
+    for name, value in values.items():
+        text = text.replace("{{ " + name + " }}", value)
+    return text
+
+
+def meta_verdict_for(winner: str) -> str:
+    """The target meta-judge answer naming ``winner`` (``"A"`` or ``"B"``), e.g. ``"Winner: Judgement A"``."""
+    return f"Winner: Judgement {winner}"
 
 
 def judgement_for(score: int) -> str:
