@@ -39,7 +39,7 @@ import torch
 from megatron.core import parallel_state
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nemo_aligner.algorithms.dpo import ReferenceLogprobs, compute_reference_logprobs
+from nemo_aligner.algorithms.dpo import ReferenceLogprobs
 from nemo_aligner.algorithms.spin import SPINTrainer, _gather_dicts, sample_seed
 from nemo_aligner.data.nlp.chat import ChatPromptTokens, ChatTemplate
 from nemo_aligner.data.nlp.dpo_dataset import filler_pair_item
@@ -460,17 +460,7 @@ class SelfRewardingTrainer(SPINTrainer):
             )
             rollout.update(records=records, stats={**judge_health(records, self.judge_cfg), "length_control": rho})
         rollout["slots"] = slots
-        self.use_rollout(rollout, with_reference=False)
-        if self.model.reference_strategy == "precomputed":
-            table = compute_reference_logprobs(self.model, self._scoring_batches())
-            rollout["reference"] = {
-                "sample_index": table.sample_index,
-                "chosen": table.chosen,
-                "rejected": table.rejected,
-            }
-        self.model.train()
-        self.model.onload_adam_states()
-        return rollout
+        return self.finish_rollout(rollout)
 
     def use_rollout(self, rollout: Mapping[str, Any], with_reference: bool = True) -> None:
         """Load the rollout's slots into the pairs dataset (and the reference table); log the judge's health."""

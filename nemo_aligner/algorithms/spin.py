@@ -217,6 +217,10 @@ class SPINTrainer(BaseTrainer):
         if self.cfg.get("mix_previous_generations", False) and self.iteration > 0 and self.rollout_dir:
             previous = torch.load(self.rollout_dir / f"iteration_{self.iteration - 1}.pt", weights_only=True)
             rollout["previous"] = {k: previous[k] for k in ("indices", "generated", "ended")}
+        return self.finish_rollout(rollout)
+
+    def finish_rollout(self, rollout: dict[str, Any]) -> dict[str, Any]:
+        """Reference log-probs of every pair the rollout built (precomputed strategy); back to training mode."""
         self.use_rollout(rollout, with_reference=False)
         if self.model.reference_strategy == "precomputed":
             table = compute_reference_logprobs(self.model, self._scoring_batches())

@@ -51,13 +51,3 @@ class GPTSFTModel(MegatronGPTModel, SupervisedInterface):
             return loss_sum, num_tokens.to(torch.int), metrics
 
         return output, loss_func
-
-    def prepare_for_training_step(self) -> None:
-        self.train()
-        self.zero_grad_buffers()
-
-    def prepare_for_validation_step(self) -> None:
-        self.eval()
-
-    def finish_validation_step(self) -> None:
-        self.train()

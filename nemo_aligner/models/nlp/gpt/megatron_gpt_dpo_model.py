@@ -180,16 +180,6 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
 
         return output, loss_func
 
-    def prepare_for_training_step(self) -> None:
-        self.train()
-        self.zero_grad_buffers()
-
-    def prepare_for_validation_step(self) -> None:
-        self.eval()
-
-    def finish_validation_step(self) -> None:
-        self.train()
-
 
 def _forward(model_chunk, tokens: torch.Tensor) -> torch.Tensor:
     return model_chunk(

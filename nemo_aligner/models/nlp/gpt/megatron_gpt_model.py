@@ -202,6 +202,16 @@ class MegatronGPTModel(LightningModule):
                 forward_only=forward_only,
             )
 
+    def prepare_for_training_step(self) -> None:
+        self.train()
+        self.zero_grad_buffers()
+
+    def prepare_for_validation_step(self) -> None:
+        self.eval()
+
+    def finish_validation_step(self) -> None:
+        self.train()
+
     def zero_grad_buffers(self) -> None:
         for chunk in self.model_chunks():
             if hasattr(chunk, "zero_grad_buffer"):
