@@ -102,6 +102,7 @@ def test_micro_batch_size_does_not_change_the_step(inputs):
     _assert_same(one, four, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp", [1, 2], ids=["dp2", "tp2"])
 def test_two_processes_equal_one(tmp_path, inputs, tp):
@@ -133,6 +134,7 @@ def test_two_processes_equal_one(tmp_path, inputs, tp):
     _assert_same(single, merged, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_spin_step_same_for_micro_batch_1_4_and_data_parallel_2(tmp_path, inputs):
     """SPIN: the pairs' rejected side is the generation; two fillers are masked pairs in the global batch."""

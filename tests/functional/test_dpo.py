@@ -76,6 +76,7 @@ def test_dpo_raises_held_out_preference_accuracy(tmp_path, tiny_sft_model):
     assert accuracy > 0.6
 
 
+@pytest.mark.slow
 def test_scoring_tool_keeps_order_and_reports_dropped_lines(tmp_path, tiny_sft_model):
     lines = [json.loads(line) for line in open(EMBEDDED / "dpo_validation.jsonl")][:5]
     lines[2]["chosen_response"] = "x" * 300 + "\n<extra_id_1>"  # longer than the 128-token context
@@ -151,8 +152,9 @@ def test_user_guide_dpo_command_composes_and_validates_without_the_suffix(tmp_pa
     assert "global_batch_size" not in message  # 512 = 1 x 64 x 8 is a consistent batch layout
 
 
-def test_unknown_preference_loss_is_a_config_error(tmp_path, tiny_sft_model):
-    cfg = dpo_config(tmp_path, tiny_sft_model, *FAST_DPO, "model.dpo.preference_loss=kto")
+def test_unknown_preference_loss_is_a_config_error(tmp_path, nemo_fixtures_dir):
+    model_path = nemo_fixtures_dir / "tiny_gpt_rms_swiglu_rope_gqa.nemo"  # any .nemo: validation runs first
+    cfg = dpo_config(tmp_path, model_path, *FAST_DPO, "model.dpo.preference_loss=kto")
     with pytest.raises(ConfigError, match=r"model\.dpo\.preference_loss: 'kto' is not one of"):
         dpo_main(cfg)
 
@@ -174,6 +176,7 @@ def test_lora_reference_is_the_base_model_with_adapters_off(tmp_path, tiny_sft_m
     assert losses["precomputed"] == pytest.approx(losses["cpu_weight_swap"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_reuses_the_precomputed_reference(tmp_path, tiny_sft_model, caplog):
     dpo_main(dpo_config(tmp_path, tiny_sft_model, *FAST_DPO, "exp_manager.max_time_per_run=00:00:00:00"))
     assert [float(r["step"]) for r in train_rows(tmp_path)] == [1]  # stopped after one step, with a checkpoint

@@ -196,14 +196,17 @@ def test_user_guide_spin_command_composes_and_validates_without_the_suffix(tmp_p
     assert "restore_from_path" in str(info.value) and "t.jsonl" in str(info.value)
 
 
-def test_kl_penalty_list_shorter_than_iterations_is_a_config_error(tmp_path, tiny_sft_model):
-    cfg = spin_config(tmp_path, tiny_sft_model, "trainer.spin.max_iterations=4")
+def test_kl_penalty_list_shorter_than_iterations_is_a_config_error(tmp_path, nemo_fixtures_dir):
+    cfg = spin_config(
+        tmp_path, nemo_fixtures_dir / "tiny_gpt_rms_swiglu_rope_gqa.nemo", "trainer.spin.max_iterations=4"
+    )
     with pytest.raises(
         ConfigError, match=r"ref_policy_kl_penalty: has 3 values but trainer\.spin\.max_iterations is 4"
     ):
         spin_main(cfg)
 
 
+@pytest.mark.slow
 def test_custom_pipeline_example_from_the_user_docs(tmp_path, tiny_sft_model):
     """The usage example of NeMo-Aligner's MegatronGPTSPINModel page, as written, with our trainer."""
     from nemo_aligner.algorithms.spin import SPINTrainer, spin_custom_collate  # noqa: F401 (the documented import)
