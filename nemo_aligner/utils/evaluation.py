@@ -73,8 +73,7 @@ def _split_config(data_cfg: Mapping[str, Any], file_path: str, max_seq_length: i
     if isinstance(split, DictConfig):
         split = OmegaConf.to_container(split, resolve=True)
     split = {**split, "file_path": str(file_path)}
-    split.setdefault("max_seq_length", max_seq_length)
-    split["max_seq_length"] = min(int(split["max_seq_length"] or max_seq_length), max_seq_length)
+    split["max_seq_length"] = min(int(split.get("max_seq_length") or max_seq_length), max_seq_length)
     return split
 
 

@@ -104,10 +104,12 @@ def set_model_parallel_from_config(model_cfg: DictConfig) -> None:
 
 def override_model_config_from_checkpoint(cfg: DictConfig, checkpoint_cfg: DictConfig) -> DictConfig:
     """``cfg.model`` over the checkpoint's model config; ``encoder_seq_length`` always from the checkpoint."""
+    from nemo_aligner.utils.utils import merge_over_checkpoint_config
+
     with open_dict(checkpoint_cfg):
         for key in ("target", "nemo_version"):
             checkpoint_cfg.pop(key, None)
-        merged = OmegaConf.merge(checkpoint_cfg, cfg.model)
+        merged = merge_over_checkpoint_config(checkpoint_cfg, cfg.model)
         if "encoder_seq_length" in checkpoint_cfg:
             merged.encoder_seq_length = checkpoint_cfg.encoder_seq_length
     return merged

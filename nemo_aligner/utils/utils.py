@@ -35,9 +35,24 @@ def load_and_override_model_config(
         with open_dict(checkpoint_cfg):
             for key in _META_KEYS:
                 checkpoint_cfg.pop(key, None)
-    with open_dict(checkpoint_cfg):
-        merged = OmegaConf.merge(checkpoint_cfg, model_cfg_to_overwrite)
-    return merged
+    return merge_over_checkpoint_config(checkpoint_cfg, model_cfg_to_overwrite)
+
+
+def merge_over_checkpoint_config(checkpoint_cfg: DictConfig, user_cfg: DictConfig | dict) -> DictConfig:
+    """``user_cfg`` merged over ``checkpoint_cfg``: nested mappings merge key by key, and wherever the two disagree
+    on the kind of value (e.g. a checkpoint's pretraining ``data.data_prefix`` list against a DPO
+    ``{train: [...], ...}`` mapping) the user's value replaces the checkpoint's instead of failing."""
+    merged = OmegaConf.to_container(checkpoint_cfg, resolve=False)
+    _merge_into(merged, OmegaConf.to_container(OmegaConf.create(user_cfg), resolve=False))
+    return OmegaConf.create(merged)
+
+
+def _merge_into(base: dict, override: dict) -> None:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge_into(base[key], value)
+        else:
+            base[key] = value
 
 
 def load_from_nemo(

@@ -212,3 +212,16 @@ def test_unpacked_directory_is_accepted(tmp_path):
     from_dir = MegatronGPTModel.restore_from(unpacked)
     _state_equal(from_dir, MegatronGPTModel.restore_from(NEMO_FIXTURES / "tiny_gpt_ln_swiglu_rope50.nemo"))
     shutil.rmtree(unpacked)
+
+
+def test_user_config_replaces_checkpoint_values_of_another_kind():
+    """A NeMo checkpoint's pretraining ``data.data_prefix`` is a list; a DPO config's is a mapping: the user's wins."""
+    from omegaconf import OmegaConf
+
+    from nemo_aligner.utils.utils import merge_over_checkpoint_config
+
+    checkpoint = OmegaConf.create({"hidden_size": 64, "data": {"data_prefix": [], "seq_length": 64}, "optim": {"lr": 1}})
+    user = {"data": {"data_prefix": {"train": ["a.jsonl"]}}, "optim": {"lr": 2, "name": "adamw"}}
+    merged = merge_over_checkpoint_config(checkpoint, user)
+    assert merged.data.data_prefix.train == ["a.jsonl"] and merged.data.seq_length == 64
+    assert merged.optim == {"lr": 2, "name": "adamw"} and merged.hidden_size == 64
