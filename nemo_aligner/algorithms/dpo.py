@@ -36,11 +36,12 @@ class ReferenceLogprobs:
         self.sample_index, self.chosen, self.rejected = sample_index, chosen, rejected
 
     def attach(self, batch: Mapping[str, Any]) -> dict:
-        """``batch`` plus ``ref_chosen_logps``/``ref_rejected_logps`` (fillers, index -1, get 0)."""
+        """``batch`` plus ``ref_chosen_logps``/``ref_rejected_logps`` (fillers and unscored masked pairs get 0)."""
         rows = []
-        for index in batch["sample_index"].tolist():
-            if index < 0:
-                rows.append(-1)
+        valid = batch["valid"].tolist() if "valid" in batch else [1.0] * len(batch["sample_index"])
+        for index, is_valid in zip(batch["sample_index"].tolist(), valid):
+            if index < 0 or (not is_valid and index not in self.position):
+                rows.append(-1)  # fillers and masked pairs without a value contribute nothing
             elif index not in self.position:
                 raise KeyError(f"no precomputed reference log-probs for sample {index}; delete the cache to rebuild")
             else:

@@ -22,7 +22,7 @@ does (off by default; NeMo-Aligner never did).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from nemo_aligner.algorithms.base import BaseTrainer
 from nemo_aligner.algorithms.dpo import ReferenceLogprobs, compute_reference_logprobs
 from nemo_aligner.data.nlp.dpo_dataset import DPOCollate, filler_pair_item
-from nemo_aligner.data.nlp.samplers import FILLER_INDEX
+from nemo_aligner.data.nlp.samplers import FILLER_INDEX, GlobalBatchSampler
 from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.exp_manager import PreemptionHandler
 from nemo_aligner.utils.kill_points import kill_point
@@ -54,24 +54,23 @@ def sample_seed(seed: int, iteration: int, sample_index: int) -> int:
 class SPINPairsDataset(Dataset):
     """Pairs (prompt + actual, prompt + generated) of one iteration, indexed like the SFT dataset.
 
-    With previous generations mixed in, indices ``N .. 2N-1`` are the pairs of iteration t-1's generations.
-    Indices whose prompt was not generated in this iteration are never drawn by the sampler.
+    Index ``N + i`` is prompt i's pair with iteration t-1's generation (``mix_previous_generations``); when that
+    iteration did not generate for prompt i, the pair is masked out.
     """
 
     def __init__(self, sft_dataset, pad_id: int):
         self.sft_dataset = sft_dataset
         self.pad_id = pad_id
         self.generated: dict[int, tuple[list[int], bool]] = {}
-        self.size = len(sft_dataset)
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.sft_dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index == FILLER_INDEX:
             return filler_pair_item(self.pad_id)
         prompt, actual = self.sft_dataset.prompt_and_answer(index % len(self.sft_dataset))
-        generated, valid = self.generated[index]
+        generated, valid = self.generated.get(index, (list(actual), False))
         prompt, actual = list(prompt), list(actual)
         return {
             "chosen_ids": torch.tensor(prompt + actual),
@@ -84,6 +83,19 @@ class SPINPairsDataset(Dataset):
             "sample_index": index,
             "valid": valid,
         }
+
+
+class SPINBatchSampler(GlobalBatchSampler):
+    """The training sampler; with ``mix_previous`` each drawn prompt i also brings its pair with the previous
+    iteration's generation (index N + i), so iteration t trains on the generations of t and t-1 (Chen et al.)
+    with the same number of steps."""
+
+    mix_previous = False
+
+    def __iter__(self) -> Iterator[list[int]]:
+        size = self.total_samples
+        for share in super().__iter__():
+            yield share + [i + size if i != FILLER_INDEX else i for i in share] if self.mix_previous else share
 
 
 spin_custom_collate = DPOCollate
@@ -184,10 +196,6 @@ class SPINTrainer(BaseTrainer):
                 needed.update(i for i in sampler.global_batch(order, step) if i != FILLER_INDEX)
             remaining -= self.steps_per_epoch
             epoch += 1
-        size = len(self.sft_dataset)
-        if self.cfg.get("mix_previous_generations", False):
-            # Pairs of the previous iteration's generations sit at N + i; they reuse that iteration's responses.
-            needed = {i % size for i in needed}
         return sorted(needed)
 
     @torch.no_grad()
@@ -256,6 +264,7 @@ class SPINTrainer(BaseTrainer):
         identical = unfinished = 0
         lengths = []
         parts = [(0, rollout)] + ([(size, rollout["previous"])] if rollout.get("previous") else [])
+        self.train_dataloader.batch_sampler.mix_previous = bool(rollout.get("previous"))
         for offset, part in parts:
             for i, response, ended in zip(part["indices"], part["generated"], part["ended"]):
                 same = list(response) == list(self.sft_dataset.prompt_and_answer(i)[1])
@@ -265,7 +274,6 @@ class SPINTrainer(BaseTrainer):
                     identical += same
                     unfinished += not ended
                     lengths.append(len(response))
-        dataset.size = size * (2 if rollout.get("previous") else 1)
         total = max(len(rollout["indices"]), 1)
         self.rollout_stats = {
             "rollout_identical_fraction": identical / total,

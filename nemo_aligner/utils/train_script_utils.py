@@ -449,12 +449,11 @@ def build_spin_data(cfg: DictConfig, model_cfg: DictConfig, restore_path: str | 
     """Prompts + ground truth (SFT data) for the rollouts, a pairs dataloader, and the SFT validation loader."""
     from megatron.core import parallel_state
 
-    from nemo_aligner.algorithms.spin import SPINPairsDataset, spin_custom_collate
+    from nemo_aligner.algorithms.spin import SPINBatchSampler, SPINPairsDataset, spin_custom_collate
     from nemo_aligner.data.nlp.builders import (
         build_collate,
         build_dataloader,
         build_sft_dataset,
-        build_train_sampler,
         build_validation_sampler,
         num_samples_for,
     )
@@ -475,7 +474,15 @@ def build_spin_data(cfg: DictConfig, model_cfg: DictConfig, restore_path: str | 
         "data_parallel_size": parallel_state.get_data_parallel_world_size(),
     }
     pairs = SPINPairsDataset(sft_train, resolve_pad_id(tokenizer))
-    train_sampler = build_train_sampler(train_cfg, pairs, gbs, seed=seed, **dp)
+    train_sampler = SPINBatchSampler(
+        len(pairs),
+        gbs,
+        consumed_samples=0,
+        seed=seed,
+        shuffle=bool(train_cfg.get("shuffle", True)),
+        drop_last=bool(train_cfg.get("drop_last", True)),
+        **dp,
+    )
     collate = spin_custom_collate(resolve_pad_id(tokenizer), None, int(model_cfg.encoder_seq_length))
     return TrainingData(
         tokenizer=tokenizer,

@@ -234,3 +234,28 @@ def test_custom_pipeline_example_from_the_user_docs(tmp_path, tiny_sft_model):
 
     assert ptl_model.ref_policy_kl_penalty == cfg.model.spin.ref_policy_kl_penalty[0]
     assert set(ref_policy_state_dict) == set(ptl_model.model_state_dict_in_cpu())
+
+
+@pytest.mark.slow
+def test_mixing_previous_generations_trains_on_both_iterations(tmp_path, tiny_sft_model):
+    """With mix_previous_generations iteration 2 draws prompt i together with its iteration-1 pair (index N + i)."""
+    import torch as _torch
+
+    from nemo_aligner.algorithms.spin import SPINBatchSampler
+
+    spin_main(
+        spin_config(
+            tmp_path,
+            tiny_sft_model,
+            *FAST_SPIN,
+            "trainer.spin.mix_previous_generations=true",
+        )
+    )
+    second = _torch.load(tmp_path / "spin_rollouts" / "iteration_1.pt", weights_only=True)
+    size = 3000
+    assert second["previous"]["indices"]  # iteration 1's generations travel into iteration 2
+    scored = set(second["reference"]["sample_index"].tolist())
+    assert any(i >= size for i in scored)  # and they are scored by iteration 2's reference
+    sampler = SPINBatchSampler(8, 4, seed=0, shuffle=False, drop_last=True)
+    sampler.mix_previous = True
+    assert next(iter(sampler)) == [0, 1, 2, 3, 8, 9, 10, 11]
