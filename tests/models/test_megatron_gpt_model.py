@@ -220,7 +220,9 @@ def test_user_config_replaces_checkpoint_values_of_another_kind():
 
     from nemo_aligner.utils.utils import merge_over_checkpoint_config
 
-    checkpoint = OmegaConf.create({"hidden_size": 64, "data": {"data_prefix": [], "seq_length": 64}, "optim": {"lr": 1}})
+    checkpoint = OmegaConf.create(
+        {"hidden_size": 64, "data": {"data_prefix": [], "seq_length": 64}, "optim": {"lr": 1}}
+    )
     user = {"data": {"data_prefix": {"train": ["a.jsonl"]}}, "optim": {"lr": 2, "name": "adamw"}}
     merged = merge_over_checkpoint_config(checkpoint, user)
     assert merged.data.data_prefix.train == ["a.jsonl"] and merged.data.seq_length == 64
