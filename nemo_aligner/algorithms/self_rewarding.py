@@ -309,6 +309,7 @@ def build_pairs(
                 meta["rejected_strength"],
                 META,
                 source=source,
+                replaced=slots[target]["kind"],
             )
         used = {pool[p] for p in picked[: len(targets)]}
         pool = [i for i in pool if i not in used]
@@ -354,7 +355,8 @@ def batch_metrics(slots: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         return sum(values) / len(values) if values else 0.0
 
     return {
-        "bad_samples_per_GBS": sum(s["kind"] == BAD for s in slots) / size,
+        # The judge's failures, counted even where a meta-judge pair took the bad sample's place in the batch.
+        "bad_samples_per_GBS": sum(s["kind"] == BAD or s.get("replaced") == BAD for s in slots) / size,
         "bad_ends_per_GBS": sum(bool(s["bad_end"]) for s in slots) / size,
         "meta_pairs_per_GBS": float(sum(s["kind"] == META for s in slots)),
         "chosen_lengths": mean([len(s["chosen"]) for s in pairs]),

@@ -135,8 +135,10 @@ def test_scripted_judge_gives_the_pairs_masks_meta_pair_and_metrics_by_hand():
     assert records[0]["meta"]["verdicts"] == [[0, 1, "A"], [1, 0, "B"]]
 
     lengths = len(ids(model, "3")) + len(ids(model, "1"))
+    assert meta["replaced"] == BAD
+    # Two of the four prompts were bad samples (1 and 2), even though the meta pair now fills prompt 1's slot.
     assert batch_metrics([slots[i] for i in range(4)]) == {
-        "bad_samples_per_GBS": 0.25,
+        "bad_samples_per_GBS": 0.5,
         "bad_ends_per_GBS": 0.0,
         "meta_pairs_per_GBS": 1.0,
         "chosen_lengths": lengths / 2,
