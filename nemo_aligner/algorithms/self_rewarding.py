@@ -39,7 +39,6 @@ import torch
 from megatron.core import parallel_state
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nemo_aligner.algorithms.dpo import ReferenceLogprobs
 from nemo_aligner.algorithms.spin import SPINTrainer, _gather_dicts, sample_seed
 from nemo_aligner.data.nlp.chat import ChatPromptTokens, ChatTemplate
 from nemo_aligner.data.nlp.dpo_dataset import filler_pair_item
@@ -470,11 +469,7 @@ class SelfRewardingTrainer(SPINTrainer):
         dataset.generated = {int(i): dict(s) for i, s in rollout["slots"].items()}
         self.rollout_stats = dict(rollout.get("stats", {}))
         if with_reference:
-            if "reference" in rollout:
-                ref = rollout["reference"]
-                self.reference = ReferenceLogprobs(ref["sample_index"], ref["chosen"], ref["rejected"])
-            self.log(self.rollout_stats, self.metric_prefix_train)
-            self._log_samples(rollout)
+            self.activate_rollout(rollout)
 
     def _log_samples(self, rollout: Mapping[str, Any], count: int = 4) -> None:
         """Prompt / chosen / rejected of the first ``count`` trained pairs (table ``train/pairs``)."""

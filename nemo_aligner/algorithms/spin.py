@@ -281,11 +281,15 @@ class SPINTrainer(BaseTrainer):
             "rollout_generated_length_mean": sum(lengths) / max(len(lengths), 1),
         }
         if with_reference:
-            if "reference" in rollout:
-                ref = rollout["reference"]
-                self.reference = ReferenceLogprobs(ref["sample_index"], ref["chosen"], ref["rejected"])
-            self.log(self.rollout_stats, self.metric_prefix_train)
-            self._log_samples(rollout)
+            self.activate_rollout(rollout)
+
+    def activate_rollout(self, rollout: Mapping[str, Any]) -> None:
+        """The rollout's reference log-probs become the training reference; its statistics and samples are logged."""
+        if "reference" in rollout:
+            ref = rollout["reference"]
+            self.reference = ReferenceLogprobs(ref["sample_index"], ref["chosen"], ref["rejected"])
+        self.log(self.rollout_stats, self.metric_prefix_train)
+        self._log_samples(rollout)
 
     def _log_samples(self, rollout: Mapping[str, Any], count: int = 4) -> None:
         if self.logger is None:

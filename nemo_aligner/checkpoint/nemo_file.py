@@ -57,12 +57,15 @@ class NemoFormatError(ValueError):
 
 
 @contextlib.contextmanager
-def open_nemo(path: str | os.PathLike, tmp_dir: str | os.PathLike | None = None) -> Iterator[Path]:
+def open_nemo(
+    path: str | os.PathLike, tmp_dir: str | os.PathLike | None = None, *, with_weights: bool = True
+) -> Iterator[Path]:
     """Yield an unpacked directory for a `.nemo` tar (plain or gzip) or for an already unpacked directory.
 
     A tar is extracted into a fresh temporary directory (under `tmp_dir` if given), removed on exit; a directory is
-    yielded as is. Raises FileNotFoundError if `path` is missing, NemoFormatError if the tar is truncated, corrupt,
-    holds an unsafe member, or has no `model_config.yaml`.
+    yielded as is. With `with_weights=False` a tar gives only `model_config.yaml` and the artifacts, which is cheap
+    even for a large model (reading the config, building the tokenizer). Raises FileNotFoundError if `path` is
+    missing, NemoFormatError if the tar is truncated, corrupt, holds an unsafe member, or has no `model_config.yaml`.
     """
     path = Path(path)
     if not path.exists():
@@ -73,7 +76,8 @@ def open_nemo(path: str | os.PathLike, tmp_dir: str | os.PathLike | None = None)
         return
     with tempfile.TemporaryDirectory(prefix="nemo_", dir=tmp_dir) as tmp:
         unpacked = Path(tmp)
-        _safe_extract(path, unpacked)
+        select = None if with_weights else (lambda name: len(PurePosixPath(name).parts) <= 2)
+        _safe_extract(path, unpacked, select=select)
         _require_model_config(unpacked, path)
         yield unpacked
 
@@ -81,26 +85,6 @@ def open_nemo(path: str | os.PathLike, tmp_dir: str | os.PathLike | None = None)
 def _require_model_config(unpacked_dir: Path, source: Path) -> None:
     if not (unpacked_dir / MODEL_CONFIG_FILE).is_file():
         raise NemoFormatError(f"{source}: no {MODEL_CONFIG_FILE} inside; not a .nemo checkpoint")
-
-
-@contextlib.contextmanager
-def open_nemo_without_weights(path: str | os.PathLike, tmp_dir: str | os.PathLike | None = None) -> Iterator[Path]:
-    """Like `open_nemo`, but a tar gives only `model_config.yaml` and the artifacts (not `model_weights/`).
-
-    Cheap even for a large model: used to read the config and build the tokenizer before any expensive work.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f".nemo checkpoint not found: {path}")
-    if path.is_dir():
-        _require_model_config(path, path)
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="nemo_", dir=tmp_dir) as tmp:
-        unpacked = Path(tmp)
-        _safe_extract(path, unpacked, select=lambda name: len(PurePosixPath(name).parts) <= 2)
-        _require_model_config(unpacked, path)
-        yield unpacked
 
 
 def _safe_extract(archive: Path, dest: Path, select: Callable[[str], bool] | None = None) -> None:

@@ -18,7 +18,7 @@ _META_KEYS = ("target", "nemo_version")
 
 def load_checkpoint_model_config(restore_path: str | Path) -> DictConfig:
     """The model config stored in a ``.nemo`` file or directory."""
-    with nemo_file.open_nemo(restore_path) as unpacked:
+    with nemo_file.open_nemo(restore_path, with_weights=False) as unpacked:
         return nemo_file.read_model_config(unpacked)
 
 
@@ -89,7 +89,7 @@ def build_tokenizer_for(model_cfg: DictConfig, restore_path: str | Path | None =
 
     if restore_path is None:
         return build_tokenizer(model_cfg.tokenizer)
-    with nemo_file.open_nemo_without_weights(restore_path) as unpacked:
+    with nemo_file.open_nemo(restore_path, with_weights=False) as unpacked:
         return build_tokenizer(model_cfg.tokenizer, artifact_dir=unpacked)
 
 
