@@ -28,8 +28,8 @@ from pathlib import Path
 
 from nemo_aligner.data.embedded import (
     EMBEDDED_DIR,
-    JUDGE_REASONS,
     JUDGE_SCORE_HIGH,
+    JUDGE_SCORES,
     TASKS,
     answer_for,
     format_prompt,
@@ -270,7 +270,7 @@ def judge_records(samples: Sequence[dict], size: int, rng: random.Random) -> lis
                 "response": response,
                 "correct": is_correct,
                 "score": score,
-                "judgement": judgement_for(score),
+                "judgement": judgement_for(sample["answer"], score),
                 "task": sample["task"],
                 "id": sample["id"],
             }
@@ -281,12 +281,13 @@ def judge_records(samples: Sequence[dict], size: int, rng: random.Random) -> lis
 def judge_chat_records(judge: Sequence[dict], rng: random.Random) -> list[dict]:
     """Chat conversations teaching the judge and meta-judge roles: for every judge sample, the judge prompt answered
     with its judgement, then the meta-judge prompt comparing that judgement with a wrong one (a different score, in a
-    random position) answered with the right one's letter."""
-    scores = sorted(JUDGE_REASONS)
+    random position) answered with the right one's letter. Both judgements expect the right answer, so the
+    meta-judge learns to check that a score follows from the comparison the judgement makes."""
     records = []
     for row in judge:
         right = row["judgement"]
-        wrong = judgement_for(rng.choice([s for s in scores if s != row["score"]]))
+        expected = answer_for(row["task"], row["prompt"])
+        wrong = judgement_for(expected, rng.choice([s for s in JUDGE_SCORES if s != row["score"]]))
         winner = rng.choice("AB")
         a, b = (right, wrong) if winner == "A" else (wrong, right)
         turns = (

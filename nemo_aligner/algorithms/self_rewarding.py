@@ -395,6 +395,21 @@ class SelfRewardingPairsDataset(torch.utils.data.Dataset):
         }
 
 
+def restart_adam(optimizer) -> None:
+    """Zero Adam's moments and restart its bias correction, as if the optimizer were new.
+
+    The step count goes back to 1, not 0: megatron-core's checkpoint drops a zero step and would not resume from it.
+    The first update after a restart is then Adam's step 2 on zero moments, ``(1 - b1) / (1 - b1^2) /
+    sqrt((1 - b2) / (1 - b2^2))`` = 0.74 times a new optimizer's first update (b1 = 0.9, b2 = 0.999). Keeping the old
+    count instead would make it ``(1 - b1) / sqrt(1 - b2)`` = 3.2 times: bias correction would no longer undo the
+    zeroed moments, and every iteration would start with a jump.
+    """
+    for state in _torch_optimizer_states(optimizer):
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                value.fill_(1) if name == "step" else value.zero_()
+
+
 class SelfRewardingTrainer(SPINTrainer):
     """SPIN's loop with the Self-Rewarding / Meta-Rewarding rollout (module docstring); ``chat_prompt_tokens`` are
     the policy's ``model.data.chat_prompt_tokens`` (judge prompts are user turns in that template)."""
@@ -417,14 +432,8 @@ class SelfRewardingTrainer(SPINTrainer):
         super().start_iteration()
 
     def finish_iteration(self) -> None:
-        """SPIN's reference refresh, plus a reset of the optimizer moments: each iteration starts a fresh run.
-
-        Adam's step count is kept: megatron-core's checkpoint drops a zero common step (it would not resume).
-        """
-        for state in _torch_optimizer_states(self.optimizer):
-            for name, value in state.items():
-                if name != "step" and isinstance(value, torch.Tensor):
-                    value.zero_()
+        """SPIN's reference refresh, plus an optimizer restart: each iteration starts a fresh run."""
+        restart_adam(self.optimizer)
         super().finish_iteration()
 
     def _global_batches(self) -> list[list[int]]:

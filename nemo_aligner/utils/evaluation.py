@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_aligner.data.embedded import exact_match
 from nemo_aligner.data.nlp.builders import build_sft_dataset
 from nemo_aligner.data.nlp.jsonl import read_jsonl
+from nemo_aligner.judges.parsing import judge_reward_regex, meta_judge_reward_regex, parse_score, parse_verdict
 from nemo_aligner.tokenizers import Tokenizer
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def _split_config(data_cfg: Mapping[str, Any], file_path: str, max_seq_length: i
     return split
 
 
-def exact_match_accuracy(
+def greedy_predictions(
     model: MegatronGPTModel,
     file_path: str,
     data_cfg: Mapping[str, Any],
@@ -85,33 +86,44 @@ def exact_match_accuracy(
     batch_size: int = 64,
     max_new_tokens: int = 24,
     end_strings: Sequence[str] = DEFAULT_END_STRINGS,
-) -> dict[str, Any]:
-    """Greedy exact-match accuracy on the first ``max_samples`` prompts (all by default) of an SFT/chat jsonl.
+) -> list[tuple[dict[str, Any], str, str]]:
+    """``(jsonl record, greedy prediction, ground truth)`` for the first ``max_samples`` samples of an SFT/chat jsonl.
 
     ``data_cfg`` is the ``model.data`` node of the training config (``chat``, ``chat_prompt_tokens`` and the
-    ``validation_ds`` split's template keys), so prompts render as in training. Returns ``{"accuracy",
-    "num_samples", "per_task": {task: {"accuracy", "num_samples"}}}``, the task taken from each jsonl line's
-    ``task`` key (``"unknown"`` when absent). Prompts are generated in batches of ``batch_size`` grouped by length.
-    Single process (or every tensor-parallel rank with the same inputs).
+    ``validation_ds`` split's template keys), so prompts render as in training. Prompts are generated in batches of
+    ``batch_size`` grouped by length. Single process (or every tensor-parallel rank with the same inputs).
     """
     tokenizer = model.tokenizer
     split_cfg = _split_config(data_cfg, file_path, model.encoder_seq_length)
     dataset = build_sft_dataset(data_cfg, split_cfg, tokenizer, seed=int(model.cfg.get("seed", 1234)))
-    tasks = [record.data.get("task", UNKNOWN_TASK) for record in read_jsonl(file_path)]
+    records = [record.data for record in read_jsonl(file_path)]
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     sampling = greedy_sampling_params(end_strings)
     length = {"max_length": max_new_tokens, "min_length": 0}
     pairs = [dataset.prompt_and_answer(i) for i in range(count)]
     # Batches of similar prompt lengths: the KV-cached decoder steps one token at a time past the shortest prompt.
     order = sorted(range(count), key=lambda i: len(pairs[i][0]))
-    correct: dict[str, list[bool]] = defaultdict(list)
+    results: list[tuple[dict[str, Any], str, str] | None] = [None] * count
     for start in range(0, count, batch_size):
         indices = order[start : start + batch_size]
         output = model.generate([list(pairs[i][0]) for i in indices], sampling, length)
         for i, response in zip(indices, output.response_ids):
             prediction = response_text(response, tokenizer, end_strings)
             truth = response_text(pairs[i][1], tokenizer, end_strings)
-            correct[tasks[i]].append(exact_match(prediction, truth))
+            results[i] = (records[i], prediction, truth)
+    return results
+
+
+def exact_match_accuracy(model: MegatronGPTModel, file_path: str, data_cfg: Mapping[str, Any], **kwargs) -> dict:
+    """Greedy exact-match accuracy on the first ``max_samples`` prompts (all by default) of an SFT/chat jsonl.
+
+    Arguments as :func:`greedy_predictions`. Returns ``{"accuracy", "num_samples", "per_task": {task: {"accuracy",
+    "num_samples"}}}``, the task taken from each jsonl line's ``task`` key (``"unknown"`` when absent).
+    """
+    correct: dict[str, list[bool]] = defaultdict(list)
+    for record, prediction, truth in greedy_predictions(model, file_path, data_cfg, **kwargs):
+        correct[record.get("task", UNKNOWN_TASK)].append(exact_match(prediction, truth))
+    count = sum(len(values) for values in correct.values())
     hits = sum(sum(values) for values in correct.values())
     return {
         "accuracy": hits / count if count else 0.0,
@@ -120,4 +132,47 @@ def exact_match_accuracy(
             task: {"accuracy": sum(values) / len(values), "num_samples": len(values)}
             for task, values in sorted(correct.items())
         },
+    }
+
+
+def judge_accuracy(
+    model: MegatronGPTModel,
+    file_path: str,
+    data_cfg: Mapping[str, Any],
+    spin_cfg: Mapping[str, Any],
+    **kwargs,
+) -> dict[str, Any]:
+    """How well a model judges: greedy judgements on a chat file of judge and meta-judge conversations (the
+    embedded ``chat_judge_validation.jsonl``: lines whose ``id`` ends in ``-judge`` or ``-meta``), parsed with the
+    ``model.spin`` regexes and score range exactly as Self-Rewarding parses them, against the parsed ground truth.
+
+    Returns ``judge_parsed`` (share of judgements with a valid score), ``judge_exact`` (score equals the truth's),
+    ``judge_agreement`` (the judgement gives the top score exactly when the truth does: "is the answer correct"),
+    ``meta_parsed`` and ``meta_accuracy`` (the verdict names the right judgement), each over all lines of its role,
+    an unparseable output counting as wrong. Other arguments as :func:`greedy_predictions`.
+    """
+    low, high = float(spin_cfg["judge_score_low"]), float(spin_cfg["judge_score_high"])
+    score_pattern = judge_reward_regex(spin_cfg["judge_reward_regex"])
+    verdict_pattern = meta_judge_reward_regex(spin_cfg["meta_judge_reward_regex"])
+    judge: list[tuple[float | None, float | None]] = []
+    meta: list[tuple[str | None, str | None]] = []
+    for record, prediction, truth in greedy_predictions(model, file_path, data_cfg, **kwargs):
+        if str(record.get("id", "")).endswith("-meta"):
+            meta.append((parse_verdict(prediction, verdict_pattern), parse_verdict(truth, verdict_pattern)))
+        else:
+            judge.append(
+                (parse_score(prediction, score_pattern, low, high), parse_score(truth, score_pattern, low, high))
+            )
+
+    def share(hits: int, total: int) -> float:
+        return hits / total if total else 0.0
+
+    return {
+        "judge_samples": len(judge),
+        "judge_parsed": share(sum(p is not None for p, _ in judge), len(judge)),
+        "judge_exact": share(sum(p is not None and p == t for p, t in judge), len(judge)),
+        "judge_agreement": share(sum(p is not None and (p == high) == (t == high) for p, t in judge), len(judge)),
+        "meta_samples": len(meta),
+        "meta_parsed": share(sum(p is not None for p, _ in meta), len(meta)),
+        "meta_accuracy": share(sum(p is not None and p == t for p, t in meta), len(meta)),
     }

@@ -60,8 +60,8 @@ JUDGE_SCORE_LOW = 0
 JUDGE_SCORE_HIGH = 5
 """Highest judge score (``model.spin.judge_score_high``), given to correct answers only."""
 
-JUDGE_REASONS = {5: "Correct.", 2: "Close but wrong.", 1: "Wrong.", 0: "Way off."}
-"""The short reason that precedes ``Score: N`` in a judgement, per score."""
+JUDGE_SCORES = (0, 1, 2, 5)
+"""The score levels of :func:`judge_score`."""
 
 _PROMPT_PATTERNS = {
     "add": re.compile(r"add (\d+) and (\d+)"),
@@ -105,9 +105,14 @@ def meta_verdict_for(winner: str) -> str:
     return f"Winner: Judgement {winner}"
 
 
-def judgement_for(score: int) -> str:
-    """The target judgement text for ``score``, e.g. ``"Close but wrong. Score: 2"``."""
-    return f"{JUDGE_REASONS[score]} Score: {score}"
+def judgement_for(expected: str, score: int) -> str:
+    """The target judgement: the answer the judge expects, then the score, e.g. ``"Expected 19. Score: 2"``.
+
+    Like the paper's rubric, which asks for a justification before the score, the judgement works the question out
+    first: a tiny model cannot tell whether ``add 27 and 84 -> 101`` is right without computing 111 somewhere, and
+    once ``Expected 111.`` is written, scoring is a comparison of two strings it can see.
+    """
+    return f"Expected {expected}. Score: {score}"
 
 
 def _clean(text: str) -> str:
