@@ -499,8 +499,10 @@ class SelfRewardingTrainer(SPINTrainer):
         metrics.pop("avg_generated_lengths", None)
         metrics["rewards_chosen_mean"] = metrics.pop("rewards_actual_mean")
         metrics["rewards_rejected_mean"] = metrics.pop("rewards_generated_mean")
+        # Every rank holds all slots; the metrics cover the whole global batch, not this rank's share of it.
+        local = {int(i): True for i in batch["sample_index"] if int(i) != FILLER_INDEX}
         generated = self.train_dataloader.dataset.generated
-        slots = [generated[int(i)] for i in batch["sample_index"] if int(i) != FILLER_INDEX]
+        slots = [generated[i] for i in sorted(_gather_dicts(local))]
         return {**metrics, **batch_metrics(slots)}
 
     def run_validation(self) -> dict[str, float]:
