@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import runpy
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -31,7 +34,8 @@ from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from tests.conftest import NEMO_FIXTURES, perturb_, tiny_model_cfg
 from tests.models.reference_gpt import _linear, _norm, _rope, reference_logits
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "checkpoint_converters" / "convert_nemo_gpt_to_mcore.py"
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "checkpoint_converters" / "convert_nemo_gpt_to_mcore.py"
 LOGIT_ATOL = 1e-4
 P = "model.language_model."
 SPM_ARTIFACT = "0123456789abcdef0123456789abcdef_tok.model"
@@ -364,3 +368,25 @@ def test_torch_dist_input_is_refused(convert_main, tmp_path):
     source = NEMO_FIXTURES / "tiny_gpt_ln_gelu_abs.nemo"
     with pytest.raises(SystemExit, match="already a Megatron-Core"):
         convert_main(["--in-file", str(source), "--out-file", str(tmp_path / "x.nemo")])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["gpt2b_like"], indirect=True)
+def test_the_documented_commands_convert_a_gpt2b_like_file(case, tmp_path):
+    """docs/checkpoints.md's legacy block, run verbatim on the synthetic GPT-2B-like file under GPT-2B-001's name."""
+    docs = (REPO / "docs" / "checkpoints.md").read_text()
+    section = docs[docs.index("## Legacy (pre-Megatron-Core)") :]
+    commands = section[section.index("```bash\n") + len("```bash\n") : section.index("\n```", section.index("```bash"))]
+    shutil.copyfile(case[4], tmp_path / "GPT-2B-001_bf16_tp1.nemo")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", commands.replace("scripts/", f"{REPO}/scripts/")],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    converted = MegatronGPTModel.restore_from(tmp_path / "mcore_gpt.nemo")
+    input_ids = _input_ids()
+    assert (_logits(converted, input_ids) - _logits(case[2], input_ids)).abs().max().item() < LOGIT_ATOL
