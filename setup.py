@@ -26,8 +26,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "ruff==0.17.6", "wandb"],
+    "test": ["pytest>=8", "ruff==0.17.6", "wandb", "matplotlib"],
     "wandb": ["wandb"],
+    "plot": ["matplotlib"],  # scripts/plot_metrics.py
     # GPU accelerators: used when importable, never required.
     "gpu": ["transformer-engine[pytorch]"],
 }
