@@ -24,7 +24,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = 500
-JUDGE_CONTEXT = 256
+DEFAULT_JUDGE_STEPS = 1000
+"""Judging is learnt later than answering: 600 steps left the tiny judge at chance, 1000 do not
+(``benchmarks/judge_study.py``)."""
+JUDGE_CONTEXT = 320
 
 
 def default_cache_dir() -> Path:
@@ -32,9 +35,14 @@ def default_cache_dir() -> Path:
 
 
 def build_tiny_base_model(
-    steps: int = DEFAULT_STEPS, cache_dir: Path | None = None, extra_overrides=(), with_judge: bool = False
+    steps: int | None = None, cache_dir: Path | None = None, extra_overrides=(), with_judge: bool = False
 ) -> Path:
-    """Path of the cached SFT model for ``steps`` steps, training it first if needed (``with_judge``: see above)."""
+    """Path of the cached SFT model for ``steps`` steps, training it first if needed (``with_judge``: see above).
+
+    ``steps`` defaults to ``DEFAULT_STEPS``, or ``DEFAULT_JUDGE_STEPS`` with ``with_judge``.
+    """
+    if steps is None:
+        steps = DEFAULT_JUDGE_STEPS if with_judge else DEFAULT_STEPS
     sys.path.insert(0, str(REPO))
     from examples.nlp.gpt.train_gpt_sft import main as sft_main
     from nemo_aligner.utils.config import compose_config
@@ -80,7 +88,9 @@ def build_tiny_base_model(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="SFT optimizer steps")
+    parser.add_argument(
+        "--steps", type=int, default=None, help=f"SFT optimizer steps ({DEFAULT_STEPS}, judge {DEFAULT_JUDGE_STEPS})"
+    )
     parser.add_argument("--cache_dir", type=Path, default=None, help="where the .nemo is cached")
     parser.add_argument("--with_judge", action="store_true", help="also train the judge roles (Self-Rewarding)")
     args = parser.parse_args(argv)

@@ -270,7 +270,7 @@ def judge_records(samples: Sequence[dict], size: int, rng: random.Random) -> lis
                 "response": response,
                 "correct": is_correct,
                 "score": score,
-                "judgement": judgement_for(sample["answer"], score),
+                "judgement": judgement_for(sample["answer"], response, score),
                 "task": sample["task"],
                 "id": sample["id"],
             }
@@ -287,7 +287,7 @@ def judge_chat_records(judge: Sequence[dict], rng: random.Random) -> list[dict]:
     for row in judge:
         right = row["judgement"]
         expected = answer_for(row["task"], row["prompt"])
-        wrong = judgement_for(expected, rng.choice([s for s in JUDGE_SCORES if s != row["score"]]))
+        wrong = judgement_for(expected, row["response"], rng.choice([s for s in JUDGE_SCORES if s != row["score"]]))
         winner = rng.choice("AB")
         a, b = (right, wrong) if winner == "A" else (wrong, right)
         turns = (

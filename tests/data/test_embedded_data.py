@@ -164,7 +164,7 @@ def test_judge_scores_follow_correctness():
             assert row["correct"] == (row["response"] == answer)
             assert row["score"] == expected_score(row["task"], answer, row["response"]), row
             assert row["score"] == embedded.judge_score(row["task"], answer, row["response"])
-            assert row["judgement"] == f"Expected {answer}. Score: {row['score']}"
+            assert row["judgement"] == f"Expected {answer}, got {row['response']}. Score: {row['score']}"
             assert re.search(r"(?i)(?:Score|Points): (\d+)", row["judgement"]).group(1) == str(row["score"])
 
 

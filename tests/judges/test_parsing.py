@@ -39,7 +39,9 @@ def test_parse_score(text, expected):
 @pytest.mark.parametrize("score", [0, 1, 2, 5])
 @pytest.mark.parametrize("expected", ["19", "-3", "1 2 5", "SCORE 4"])
 def test_embedded_judgements_parse(expected, score):
-    assert parse_score(judgement_for(expected, score), SCORE, JUDGE_SCORE_LOW, JUDGE_SCORE_HIGH) == score
+    assert (
+        parse_score(judgement_for(expected, expected[::-1], score), SCORE, JUDGE_SCORE_LOW, JUDGE_SCORE_HIGH) == score
+    )
 
 
 @pytest.mark.parametrize(

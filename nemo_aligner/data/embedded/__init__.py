@@ -105,14 +105,15 @@ def meta_verdict_for(winner: str) -> str:
     return f"Winner: Judgement {winner}"
 
 
-def judgement_for(expected: str, score: int) -> str:
-    """The target judgement: the answer the judge expects, then the score, e.g. ``"Expected 19. Score: 2"``.
+def judgement_for(expected: str, response: str, score: int) -> str:
+    """The target judgement: the answer the judge expects, the response, then the score.
 
-    Like the paper's rubric, which asks for a justification before the score, the judgement works the question out
-    first: a tiny model cannot tell whether ``add 27 and 84 -> 101`` is right without computing 111 somewhere, and
-    once ``Expected 111.`` is written, scoring is a comparison of two strings it can see.
+    For example ``"Expected 111, got 101. Score: 1"`` for ``add 27 and 84`` answered ``101``. Like the paper's
+    rubric, which asks for a justification before the score, the judgement works the question out first: a tiny
+    model cannot tell whether 101 is right without computing 111 somewhere, and once both strings stand side by side,
+    scoring is a comparison it can see.
     """
-    return f"Expected {expected}. Score: {score}"
+    return f"Expected {expected}, got {response}. Score: {score}"
 
 
 def _clean(text: str) -> str:
