@@ -136,9 +136,10 @@ def test_documented_commands_run(doc, request, tmp_path, monkeypatch):
     for block in fenced_blocks(doc, "bash"):
         for command in split_commands(block):
             runner.run(command)
-    # Straight to the terminal: capsys would swap sys.stderr, which the package's log handler keeps using.
-    request.config.pluginmanager.get_plugin("terminalreporter").write_line(
-        f"{doc.relative_to(REPO)}: {len(runner.ran)} commands run, {len(runner.checked)} checked "
-        f"(installs, pytest, docker), {time.monotonic() - start - fixtures.seconds:.0f} s "
-        f"(+ {fixtures.seconds:.0f} s building shared fixtures)"
-    )
+    # Past pytest's capture (capsys would swap sys.stderr, which the package's log handler keeps using).
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print(
+            f"\n{doc.relative_to(REPO)}: {len(runner.ran)} commands run, {len(runner.checked)} checked "
+            f"(installs, pytest, docker), {time.monotonic() - start - fixtures.seconds:.0f} s "
+            f"(+ {fixtures.seconds:.0f} s building shared fixtures)"
+        )
