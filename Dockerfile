@@ -1,11 +1,18 @@
-# nemo_aligner on NVIDIA's PyTorch container (CUDA, NCCL, TransformerEngine and apex preinstalled).
+# nemo_aligner on NVIDIA's PyTorch container (CUDA, cuDNN, NCCL and TransformerEngine preinstalled).
+# Not built or run by this project's CI (no docker and no GPU there): a starting point, not a validated image.
 # Build: docker build -t nemo-aligner .
 # Run:   docker run --gpus all --ipc=host -it nemo-aligner
-FROM nvcr.io/nvidia/pytorch:25.01-py3
+ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.09-py3
+FROM ${BASE_IMAGE}
+
+# The megatron-core version CI validates (on a CPU); newer releases may work but are untested.
+ARG MCORE_VERSION=0.16.1
 
 WORKDIR /opt/nemo-aligner
 COPY . .
-# The container's torch and TransformerEngine are kept; pip adds megatron-core and the rest.
-RUN pip install --no-cache-dir -e ".[wandb]"
+# The container's torch and TransformerEngine are kept (its pip constraints pin them); the [gpu] extra declares
+# TransformerEngine, [wandb] the W&B logger. The import check fails the build if TransformerEngine is unusable.
+RUN pip install --no-cache-dir "megatron-core==${MCORE_VERSION}" -e ".[gpu,wandb]" \
+    && python -c "import megatron.core, transformer_engine.pytorch, nemo_aligner"
 
 ENV HYDRA_FULL_ERROR=1

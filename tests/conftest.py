@@ -72,6 +72,14 @@ def tiny_sft_model(tmp_path_factory) -> Path:
     return build_tiny_base_model(steps=150, cache_dir=tmp_path_factory.mktemp("tiny_model_cache"))
 
 
+@pytest.fixture(scope="session")
+def tiny_judge_model(tmp_path_factory) -> Path:
+    """The embedded default's model trained to answer, judge and meta-judge (built once per test session)."""
+    from scripts.build_tiny_base_model import build_tiny_base_model
+
+    return build_tiny_base_model(steps=80, cache_dir=tmp_path_factory.mktemp("judge_model_cache"), with_judge=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need CUDA: on a machine without it they are reported as skipped (not run), never passed."""
     if torch.cuda.is_available():

@@ -22,16 +22,6 @@ from nemo_aligner.utils.config_validation import ConfigError
 from tests.functional.sft_runs import REPO, SCRIPTS
 
 EMBEDDED = REPO / "nemo_aligner" / "data" / "embedded"
-JUDGE_MODEL_STEPS = 80
-
-
-@pytest.fixture(scope="session")
-def tiny_judge_model(tmp_path_factory):
-    """The embedded default's model trained to answer, judge and meta-judge (built once per test session)."""
-    from scripts.build_tiny_base_model import build_tiny_base_model
-
-    cache = tmp_path_factory.mktemp("judge_model_cache")
-    return build_tiny_base_model(steps=JUDGE_MODEL_STEPS, cache_dir=cache, with_judge=True)
 
 
 def run_subprocess(log_dir, model_path, *overrides, env=None):
