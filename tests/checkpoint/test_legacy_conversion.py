@@ -376,7 +376,8 @@ def test_the_documented_commands_convert_a_gpt2b_like_file(case, tmp_path):
     """docs/checkpoints.md's legacy block, run verbatim on the synthetic GPT-2B-like file under GPT-2B-001's name."""
     docs = (REPO / "docs" / "checkpoints.md").read_text()
     section = docs[docs.index("## Legacy (pre-Megatron-Core)") :]
-    commands = section[section.index("```bash\n") + len("```bash\n") : section.index("\n```", section.index("```bash"))]
+    start = section.index("```console\n") + len("```console\n")
+    commands = section[start : section.index("\n```", start)]
     shutil.copyfile(case[4], tmp_path / "GPT-2B-001_bf16_tp1.nemo")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     subprocess.run(
