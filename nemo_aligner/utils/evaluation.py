@@ -176,3 +176,35 @@ def judge_accuracy(
         "meta_parsed": share(sum(p is not None for p, _ in meta), len(meta)),
         "meta_accuracy": share(sum(p is not None and p == t for p, t in meta), len(meta)),
     }
+
+
+def rollout_judge_quality(records: Mapping[int, Mapping[str, Any]], high: float) -> dict[str, float]:
+    """How well a Self-Rewarding run's judge scored its own policy's responses, on the embedded tasks.
+
+    ``records`` are a persisted rollout's judge records (``self_rewarding_rollouts/iteration_<t>.pt``); each
+    response is checked against the answer recomputed from its prompt (:func:`~nemo_aligner.data.embedded.answer_for`).
+    ``agreement``: share of valid judgements where "score == ``high``" matches the exact-answer check. ``auc``: the
+    probability that a correct response's mean score beats a wrong one's (ties count half; 0.5 = no signal), which is
+    what pair selection relies on. Also the numbers of correct and wrong responses with at least one valid score.
+    """
+    from nemo_aligner.data.embedded import answer_for, task_of
+
+    agree = total = 0
+    correct_means, wrong_means = [], []
+    for record in records.values():
+        answer = answer_for(task_of(record["prompt_text"]), record["prompt_text"])
+        for text, scores in zip(record["response_texts"], record["scores"]):
+            valid = [s for s in scores if s is not None]
+            is_correct = exact_match(text, answer)
+            agree += sum((s == high) == is_correct for s in valid)
+            total += len(valid)
+            if valid:
+                (correct_means if is_correct else wrong_means).append(sum(valid) / len(valid))
+    pairs = len(correct_means) * len(wrong_means)
+    wins = sum((a > b) + 0.5 * (a == b) for a in correct_means for b in wrong_means)
+    return {
+        "agreement": agree / total if total else 0.0,
+        "auc": wins / pairs if pairs else 0.5,
+        "correct_responses": float(len(correct_means)),
+        "wrong_responses": float(len(wrong_means)),
+    }

@@ -16,9 +16,10 @@ import torch
 from examples.nlp.gpt.train_gpt_self_rewarding import main as self_rewarding_main
 from examples.nlp.gpt.train_gpt_self_rewarding import validate_self_rewarding_config
 from nemo_aligner.checkpoint.nemo_file import open_nemo, read_torch_dist_tensors
-from nemo_aligner.data.embedded import JUDGE_SCORE_HIGH, answer_for, exact_match, task_of
+from nemo_aligner.data.embedded import JUDGE_SCORE_HIGH
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.config_validation import ConfigError
+from nemo_aligner.utils.evaluation import rollout_judge_quality
 from tests.functional.sft_runs import REPO, SCRIPTS
 
 EMBEDDED = REPO / "nemo_aligner" / "data" / "embedded"
@@ -60,20 +61,13 @@ def train_metrics(log_dir) -> list[dict[str, float]]:
     ]
 
 
-def judge_agreement(log_dir, iterations: int) -> float:
-    """Share of valid judgements where "score == 5" agrees with the exact answer check."""
-    agree = total = 0
-    for t in range(iterations):
-        rollout = torch.load(log_dir / "self_rewarding_rollouts" / f"iteration_{t}.pt", weights_only=True)
-        for record in rollout["records"].values():
-            prompt = record["prompt_text"]
-            answer = answer_for(task_of(prompt), prompt)
-            for text, scores in zip(record["response_texts"], record["scores"]):
-                for score in scores:
-                    if score is not None:
-                        agree += (score == JUDGE_SCORE_HIGH) == exact_match(text, answer)
-                        total += 1
-    return agree / max(total, 1)
+def judge_quality(log_dir, iterations: int) -> list[dict[str, float]]:
+    """Per iteration: how the judge's scores of the policy's responses match the exact answers."""
+    rollouts = [
+        torch.load(log_dir / "self_rewarding_rollouts" / f"iteration_{t}.pt", weights_only=True)
+        for t in range(iterations)
+    ]
+    return [rollout_judge_quality(r["records"], JUDGE_SCORE_HIGH) for r in rollouts]
 
 
 @pytest.mark.slow
@@ -84,8 +78,8 @@ def test_two_iterations_with_meta_judge_train_then_resume_after_a_kill_to_the_sa
     assert len(rows) == 6
     bad = sum(r["train/bad_samples_per_GBS"] for r in rows) / len(rows)
     meta = sum(r["train/meta_pairs_per_GBS"] for r in rows)
-    agreement = judge_agreement(tmp_path / "clean", 2)
-    print(f"bad_samples_per_GBS={bad:.3f} meta_pairs_trained={meta:.0f} judge_agreement={agreement:.3f}")
+    quality = judge_quality(tmp_path / "clean", 2)
+    print(f"bad_samples_per_GBS={bad:.3f} meta_pairs_trained={meta:.0f} judge_quality={quality}")
     for key in (
         "loss",
         "acc",

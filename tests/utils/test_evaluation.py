@@ -89,3 +89,19 @@ def test_exact_match_and_response_text_strip_the_end_of_turn():
     assert response_text(chat_answer, tokenizer, ["<extra_id_1>"]) == "1 2 9"
     plain_answer = tokenizer.text_to_ids("19") + [tokenizer.eos_id]
     assert response_text(plain_answer, tokenizer, ["<extra_id_1>"]) == "19"
+
+
+def test_rollout_judge_quality_by_hand():
+    from nemo_aligner.utils.evaluation import rollout_judge_quality
+
+    records = {
+        # add 1 and 2 = 3: "3" is right (scores 5, 4 -> mean 4.5), "4" wrong (5 -> 5), "9" wrong (1, None -> 1)
+        0: {"prompt_text": "add 1 and 2", "response_texts": ["3", "4", "9"], "scores": [[5, 4], [5], [1, None]]},
+        # reverse: ab = ba: "ba" right (mean 5), "ab" wrong (no valid score: left out)
+        1: {"prompt_text": "reverse: ab", "response_texts": ["ba", "ab"], "scores": [[5], [None]]},
+    }
+    quality = rollout_judge_quality(records, high=5)
+    # valid judgements: (5, right) agree, (4, right) no, (5, wrong) no, (1, wrong) agree, (5, right) agree -> 3 / 5
+    assert quality["agreement"] == 3 / 5
+    # correct means [4.5, 5], wrong means [5, 1]: 4.5>5 no, 4.5>1 yes, 5=5 half, 5>1 yes -> 2.5 / 4
+    assert quality["auc"] == 2.5 / 4 and quality["correct_responses"] == 2 and quality["wrong_responses"] == 2
