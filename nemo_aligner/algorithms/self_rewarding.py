@@ -69,6 +69,7 @@ from nemo_aligner.judges import (
 )
 from nemo_aligner.judges.meta import ELO_BASE, ELO_SCALE
 from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import _torch_optimizer_states
+from nemo_aligner.utils.distributed import all_gather_data_parallel
 from nemo_aligner.utils.kill_points import kill_point
 
 logger = logging.getLogger(__name__)
@@ -491,7 +492,8 @@ class SelfRewardingTrainer(SPINTrainer):
         metrics["rewards_chosen_mean"] = metrics.pop("rewards_actual_mean")
         metrics["rewards_rejected_mean"] = metrics.pop("rewards_generated_mean")
         generated = self.train_dataloader.dataset.generated
-        slots = [generated[int(i)] for i in batch["sample_index"] if int(i) != FILLER_INDEX]
+        indices = all_gather_data_parallel(batch["sample_index"])  # the global batch, not this rank's share
+        slots = [generated[int(i)] for i in indices if int(i) != FILLER_INDEX]
         return {**metrics, **batch_metrics(slots)}
 
     def run_validation(self) -> dict[str, float]:

@@ -206,3 +206,19 @@ def broadcast_from_last_pipeline_stage(
         group=parallel_state.get_pipeline_model_parallel_group(),
     )
     return tensor
+
+
+def all_gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (same shape on every rank) of all data-parallel ranks, concatenated in rank order along dim 0.
+
+    Per-batch statistics a trainer logs describe the global batch, not this rank's share. Without data
+    parallelism ``tensor`` is returned as is.
+    """
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return tensor
+    local = tensor.to(torch.cuda.current_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(parallel_state.get_data_parallel_world_size())]
+    dist.all_gather(parts, local, group=parallel_state.get_data_parallel_group())
+    return torch.cat(parts).to(tensor.device)
