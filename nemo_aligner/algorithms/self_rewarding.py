@@ -69,6 +69,7 @@ from nemo_aligner.judges import (
 )
 from nemo_aligner.judges.meta import ELO_BASE, ELO_SCALE
 from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import _torch_optimizer_states
+from nemo_aligner.utils.distributed import all_gather_data_parallel
 from nemo_aligner.utils.kill_points import kill_point
 
 logger = logging.getLogger(__name__)
@@ -499,10 +500,9 @@ class SelfRewardingTrainer(SPINTrainer):
         metrics.pop("avg_generated_lengths", None)
         metrics["rewards_chosen_mean"] = metrics.pop("rewards_actual_mean")
         metrics["rewards_rejected_mean"] = metrics.pop("rewards_generated_mean")
-        # Every rank holds all slots; the metrics cover the whole global batch, not this rank's share of it.
-        local = {int(i): True for i in batch["sample_index"] if int(i) != FILLER_INDEX}
         generated = self.train_dataloader.dataset.generated
-        slots = [generated[i] for i in sorted(_gather_dicts(local))]
+        indices = all_gather_data_parallel(batch["sample_index"])  # the global batch, not this rank's share
+        slots = [generated[int(i)] for i in indices if int(i) != FILLER_INDEX]
         return {**metrics, **batch_metrics(slots)}
 
     def run_validation(self) -> dict[str, float]:

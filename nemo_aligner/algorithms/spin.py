@@ -35,7 +35,7 @@ from nemo_aligner.algorithms.base import BaseTrainer
 from nemo_aligner.algorithms.dpo import ReferenceLogprobs, compute_reference_logprobs
 from nemo_aligner.data.nlp.dpo_dataset import DPOCollate, filler_pair_item
 from nemo_aligner.data.nlp.samplers import FILLER_INDEX, GlobalBatchSampler
-from nemo_aligner.utils.distributed import is_global_rank_zero
+from nemo_aligner.utils.distributed import all_gather_data_parallel, is_global_rank_zero
 from nemo_aligner.utils.exp_manager import PreemptionHandler
 from nemo_aligner.utils.kill_points import kill_point
 from nemo_aligner.utils.utils import retrieve_model_state_dict_in_cpu
@@ -310,8 +310,8 @@ class SPINTrainer(BaseTrainer):
 
     def train_single_step(self, batch: dict) -> dict[str, float]:
         metrics = super().train_single_step(batch)
-        valid = batch["valid"] > 0
-        generated = (batch["rejected_lengths"] - batch["prompt_lengths"])[valid].float()
+        valid = all_gather_data_parallel(batch["valid"]) > 0  # the global batch, not this rank's share
+        generated = all_gather_data_parallel(batch["rejected_lengths"] - batch["prompt_lengths"])[valid].float()
         metrics["avg_generated_lengths"] = float(generated.mean()) if generated.numel() else 0.0
         return metrics
 

@@ -16,6 +16,11 @@ How a batch runs (the scheme of NeMo and of megatron-core's static engine):
   layout or on resuming.
 * Under tensor parallelism megatron-core gathers the vocabulary-parallel logits of the last position in
   inference mode; every tensor-parallel rank then holds the same logits and picks the same token.
+* Under pipeline parallelism each forward runs stage by stage: a stage receives the previous stage's hidden
+  states, runs its layers (each stage keeps the KV cache of its own layers) and sends its output on. The last
+  stage broadcasts the logits of the last position to its pipeline, so every stage chooses the same tokens with
+  the same generators and keeps the same per-sample state. (Logits rather than tokens: the log-probs that
+  ``compute_logprob``/``all_probs`` return come from them too; they are ``[batch, vocabulary]`` per step.)
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ from megatron.core import parallel_state
 from nemo_aligner.generation.sampling import LengthParams, SamplingParams, choose_tokens, draw_uniforms
 from nemo_aligner.generation.stopping import EndDetector
 from nemo_aligner.utils import mcore_compat
+from nemo_aligner.utils.distributed import (
+    broadcast_from_last_pipeline_stage,
+    receive_from_previous_pipeline_stage,
+    send_to_next_pipeline_stage,
+)
 
 if TYPE_CHECKING:
     from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
@@ -70,14 +80,10 @@ def generate(
 
     ``sampling_params`` and ``length_params`` are NeMo's dicts (see :class:`SamplingParams`, :class:`LengthParams`).
     ``seeds`` gives each sample its random key; required unless ``use_greedy``. A collective call under tensor
-    parallelism: every tensor-parallel rank passes the same prompts and seeds.
+    and pipeline parallelism: every tensor- and pipeline-parallel rank passes the same prompts and seeds.
     """
     sampling = SamplingParams.from_config(sampling_params)
     lengths = LengthParams.from_config(length_params)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        raise NotImplementedError(
-            "generation with pipeline parallelism is not supported: set model.pipeline_model_parallel_size=1"
-        )
     if model.transformer_config.sequence_parallel:
         raise NotImplementedError(
             "generation with sequence parallelism is not supported: set model.sequence_parallel=False"
@@ -158,6 +164,8 @@ class _BatchDecoder:
         generators: list[torch.Generator] | None,
     ) -> None:
         self.gpt = model.model
+        self.hidden_size = model.transformer_config.hidden_size
+        self.pipeline_dtype = model.transformer_config.pipeline_dtype or torch.float32
         self.sampling = sampling
         self.min_length = min_length
         self.end = end
@@ -211,10 +219,17 @@ class _BatchDecoder:
     def _forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: mcore_compat.StaticInferenceContext
     ) -> torch.Tensor:
-        """float32 logits ``[B, V]`` at each row's last position; appends ``tokens`` to the KV cache."""
-        length = tokens.shape[1]
+        """float32 logits ``[B, V]`` at each row's last position; appends ``tokens`` to the KV cache.
+
+        With pipeline parallelism this stage's layers run on the previous stage's hidden states ``[S, B, H]``
+        and the logits come from the last stage (module docstring).
+        """
+        batch, length = tokens.shape
+        if not parallel_state.is_pipeline_first_stage():
+            hidden = receive_from_previous_pipeline_stage((length, batch, self.hidden_size), self.pipeline_dtype)
+            self.gpt.set_input_tensor(hidden)
         causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=tokens.device), 1)[None, None]
-        logits = self.gpt(
+        output = self.gpt(
             input_ids=tokens,
             position_ids=positions,
             attention_mask=causal if length > 1 else None,
@@ -222,7 +237,10 @@ class _BatchDecoder:
             runtime_gather_output=True,
         )
         cache.increment_sequence_len_offset(length)
-        return logits[:, -1].float()
+        if not parallel_state.is_pipeline_last_stage():
+            send_to_next_pipeline_stage(output.to(self.pipeline_dtype))
+            return broadcast_from_last_pipeline_stage(None, (batch, self.vocab_size))
+        return broadcast_from_last_pipeline_stage(output[:, -1].float(), (batch, self.vocab_size))
 
     def _choose(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick the next token of ``rows`` from their logits; record it; return (tokens, finished mask)."""

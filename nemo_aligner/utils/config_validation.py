@@ -137,6 +137,11 @@ def check_model_parallel(checker: ConfigChecker, model_key: str, world_size: int
     layers = checker.get(f"{model_key}.num_layers")
     if isinstance(layers, int) and layers % pp != 0:
         checker.add(f"{model_key}.pipeline_model_parallel_size", f"PP {pp} does not divide num_layers ({layers})")
+    if (checker.get(f"{model_key}.virtual_pipeline_model_parallel_size") or 1) != 1:
+        checker.add(
+            f"{model_key}.virtual_pipeline_model_parallel_size",
+            "the interleaved pipeline schedule is not supported (one model chunk per stage); set it to null",
+        )
     return world_size // (tp * pp)
 
 

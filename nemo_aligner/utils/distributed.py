@@ -16,6 +16,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from nemo_aligner.utils.cpu_support import apply_cpu_support, bind_local_device, process_group_backend
@@ -161,3 +162,63 @@ def seed_everything(seed: int) -> None:
 
 def is_global_rank_zero() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# Pipeline-parallel point-to-point and broadcast helpers. ``torch.cuda.current_device()`` is this rank's GPU, or
+# "cpu" under the CPU support (gloo).
+
+
+def send_to_next_pipeline_stage(tensor: torch.Tensor) -> None:
+    """Send ``tensor`` to the next pipeline stage of this rank's pipeline (blocking)."""
+    from megatron.core import parallel_state
+
+    dist.send(tensor.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+
+
+def receive_from_previous_pipeline_stage(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The tensor that the previous pipeline stage sent with :func:`send_to_next_pipeline_stage`."""
+    from megatron.core import parallel_state
+
+    tensor = torch.empty(shape, dtype=dtype, device=torch.cuda.current_device())
+    dist.recv(tensor, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+    return tensor
+
+
+def broadcast_from_last_pipeline_stage(
+    tensor: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The last pipeline stage's ``tensor`` (``shape``, ``dtype``) on every stage of this rank's pipeline.
+
+    Losses, logits and metrics exist only on the last stage; the trainer and generation need them everywhere.
+    Other stages pass ``None``. Without pipeline parallelism ``tensor`` is returned as is.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    if parallel_state.is_pipeline_last_stage():
+        tensor = tensor.to(device=torch.cuda.current_device(), dtype=dtype).contiguous()
+    else:
+        tensor = torch.empty(shape, dtype=dtype, device=torch.cuda.current_device())
+    dist.broadcast(
+        tensor,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return tensor
+
+
+def all_gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (same shape on every rank) of all data-parallel ranks, concatenated in rank order along dim 0.
+
+    Per-batch statistics a trainer logs describe the global batch, not this rank's share. Without data
+    parallelism ``tensor`` is returned as is.
+    """
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return tensor
+    local = tensor.to(torch.cuda.current_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(parallel_state.get_data_parallel_world_size())]
+    dist.all_gather(parts, local, group=parallel_state.get_data_parallel_group())
+    return torch.cat(parts).to(tensor.device)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megatron.core import parallel_state
 
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from tests.conftest import perturb_, tiny_model_cfg
@@ -162,7 +161,7 @@ def test_end_token_and_end_strings_stop_generation(model):
     assert by_text.response_ids[sample] == free[sample][:stop_at] and by_text.ended[sample]
 
 
-def test_generate_restores_training_mode_and_validates(model, monkeypatch):
+def test_generate_restores_training_mode_and_validates(model):
     model.train()
     model.generate([[5, 6]], GREEDY, {"max_length": 2, "min_length": 0})
     assert model.training
@@ -175,6 +174,3 @@ def test_generate_restores_training_mode_and_validates(model, monkeypatch):
         model.generate([[5], []], GREEDY, {"max_length": 2, "min_length": 0})
     with pytest.raises(ValueError, match="length_params: missing keys \\['min_length'\\]"):
         model.generate([[5]], GREEDY, {"max_length": 2})
-    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 2)
-    with pytest.raises(NotImplementedError, match="model.pipeline_model_parallel_size=1"):
-        model.generate([[5]], GREEDY, {"max_length": 2, "min_length": 0})

@@ -23,6 +23,7 @@ from nemo_aligner.losses.preference import (
 from nemo_aligner.models.alignable_interface import SupervisedInterface
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, causal_attention_mask
 from nemo_aligner.utils.batching import reduce_metric_sums, split_into_micro_batches
+from nemo_aligner.utils.distributed import broadcast_from_last_pipeline_stage
 from nemo_aligner.utils.logprobs import shifted_logprobs
 from nemo_aligner.utils.utils import cpu_weight_swap
 
@@ -120,10 +121,11 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
             forward_step=forward_step,
             forward_only=True,
             seq_length=batch["chosen"].shape[1],
-            micro_batch_size=self.log_prob_micro_batch_size,
+            micro_batch_size=2 * self.log_prob_micro_batch_size,  # chosen and rejected in one forward
         )
         self.train(was_training)
-        sums = broadcast_from_last_pipeline_stage([o["sums"] for o in outputs], batch["chosen"].shape[0] * 2)
+        local = torch.cat([o["sums"] for o in outputs]) if outputs else None
+        sums = broadcast_from_last_pipeline_stage(local, (batch["chosen"].shape[0] * 2,)).cpu()
         chosen, rejected = [], []
         for part in sums.split(2 * self.log_prob_micro_batch_size):
             half = part.shape[0] // 2
@@ -144,7 +146,7 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
             forward_step=self._forward_step,
             forward_only=forward_only,
             seq_length=batch["chosen"].shape[1],
-            micro_batch_size=micro_batch_size,
+            micro_batch_size=2 * micro_batch_size,  # chosen and rejected in one forward
         )
         metrics = finalize_preference_metrics(reduce_metric_sums(outputs, PREFERENCE_METRIC_SUM_KEYS))
         metrics["num_pairs"] = metrics.pop("num_valid_pairs")
@@ -205,20 +207,3 @@ _PAIR_KEYS = (
 def _pair_tensors(batch: dict) -> dict:
     """The per-pair tensors of a batch (what the forward steps read)."""
     return {k: batch[k] for k in _PAIR_KEYS if k in batch}
-
-
-def broadcast_from_last_pipeline_stage(parts: list[torch.Tensor], total: int) -> torch.Tensor:
-    """Per-sample values computed on the last pipeline stage, on every stage (one process: just concatenated)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return torch.cat(parts)
-    values = torch.cat(parts) if parts else torch.empty(total, device=torch.cuda.current_device())
-    values = values.to(torch.cuda.current_device()).float()
-    dist.broadcast(
-        values,
-        src=parallel_state.get_pipeline_model_parallel_last_rank(),
-        group=parallel_state.get_pipeline_model_parallel_group(),
-    )
-    return values.cpu()

@@ -116,11 +116,17 @@ class MegatronGPTModel(LightningModule):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Vocab-parallel logits ``[B, S, V_padded / TP]`` (a single pipeline stage; see the schedules otherwise).
+        """Vocab-parallel logits ``[B, S, V_padded / TP]`` of the whole model in this process (no pipeline).
 
         ``attention_mask`` is megatron's bool mask (True = blocked), ``[1|B, 1, S, S]``; causal by default.
-        Right padding needs no extra mask: padded positions come after every real token.
+        Right padding needs no extra mask: padded positions come after every real token. Under pipeline
+        parallelism a stage holds only some layers: use :meth:`forward_backward` or :meth:`generate`.
         """
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            raise RuntimeError(
+                "MegatronGPTModel.forward/get_logprobs need the whole model in one process; with "
+                "model.pipeline_model_parallel_size > 1 use forward_backward (training, log-probs) or generate"
+            )
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         if attention_mask is None:
