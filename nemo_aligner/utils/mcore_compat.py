@@ -73,3 +73,15 @@ PATCHED_NAMES: tuple[tuple[str, str], ...] = (
     ("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue"),
 )
 _patch_checkpoint_writer()
+
+
+def distributed_optimizer_resumable() -> bool:
+    """Whether megatron-core's distributed optimizer can be checkpointed and resumed here.
+
+    megatron-core (0.16) runs its distributed optimizer on torch's Adam when neither Apex nor TransformerEngine is
+    installed, but then cannot build the state dict to load a checkpoint into (a bare ``assert len(steps) == 1``
+    on the fresh optimizer, then missing ``step`` tensors). With Apex or TE it uses their fused Adam, which works.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    return bool(getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True))

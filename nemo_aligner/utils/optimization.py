@@ -1,13 +1,16 @@
 """Optimizer and learning-rate schedule from a NeMo ``model.optim`` config, on megatron-core's optimizer.
 
 ``model.optim.name``: ``adam``/``adamw``/``fused_adam`` (megatron's Adam with decoupled weight decay) or
-``distributed_fused_adam`` (the same, sharded across data-parallel ranks: megatron's distributed optimizer).
+``distributed_fused_adam`` (the same, sharded across data-parallel ranks: megatron's distributed optimizer; only
+with Apex or TransformerEngine, see ``uses_distributed_optimizer``).
 ``model.optim.sched``: ``CosineAnnealing`` (warmup, cosine decay to ``min_lr``, then ``constant_steps`` at
 ``min_lr``, as NeMo defines it), ``Constant``/``null``.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,13 +19,37 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 
+from nemo_aligner.utils.mcore_compat import distributed_optimizer_resumable
+
+logger = logging.getLogger(__name__)
+
 ADAM_NAMES = ("adam", "adamw", "fused_adam")
 DISTRIBUTED_NAMES = ("distributed_fused_adam", "mcore_distributed_optim")
 SCHEDULES = ("CosineAnnealing", "Constant", None)
 
 
 def uses_distributed_optimizer(optim_cfg: Mapping[str, Any]) -> bool:
-    return optim_cfg.get("name", "adam") in DISTRIBUTED_NAMES
+    """Whether ``model.optim.name`` asks for megatron's distributed optimizer and it can be used here.
+
+    Without Apex or TransformerEngine the distributed optimizer cannot resume from a checkpoint
+    (``mcore_compat.distributed_optimizer_resumable``), so the plain optimizer is used instead: the same Adam
+    updates, only the optimizer state is not sharded across data-parallel ranks.
+    """
+    if optim_cfg.get("name", "adam") not in DISTRIBUTED_NAMES:
+        return False
+    if not distributed_optimizer_resumable():
+        _warn_once(
+            f"model.optim.name={optim_cfg.get('name')}: megatron-core's distributed optimizer needs Apex or "
+            "TransformerEngine to resume from checkpoints; using the non-distributed Adam (same updates, "
+            "optimizer state not sharded across data-parallel ranks)."
+        )
+        return False
+    return True
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 def ddp_config_for(optim_cfg: Mapping[str, Any]) -> DistributedDataParallelConfig:

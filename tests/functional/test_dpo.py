@@ -187,3 +187,24 @@ def test_resume_reuses_the_precomputed_reference(tmp_path, tiny_sft_model, caplo
     assert any("Reusing precomputed reference log-probs" in m for m in messages)
     assert any("Resumed at step 1" in m for m in messages)
     assert [r["step"] for r in train_rows(tmp_path)] == ["1", "2", "3"]
+
+
+@pytest.mark.slow
+def test_the_default_distributed_optimizer_resumes_to_the_same_weights(tmp_path, tiny_sft_model):
+    """gpt_dpo.yaml's distributed_fused_adam, stopped after one step and resumed, equals an uninterrupted run."""
+    import torch
+
+    from nemo_aligner.checkpoint.nemo_file import open_nemo, read_torch_dist_tensors
+
+    default_optimizer = [o for o in FAST_DPO if not o.startswith("model.optim.name=")]
+    dpo_main(dpo_config(tmp_path / "clean", tiny_sft_model, *default_optimizer))
+    stop = "exp_manager.max_time_per_run=00:00:00:00"
+    dpo_main(dpo_config(tmp_path / "resumed", tiny_sft_model, *default_optimizer, stop))
+    dpo_main(dpo_config(tmp_path / "resumed", tiny_sft_model, *default_optimizer))
+    assert [r["step"] for r in train_rows(tmp_path / "resumed")] == ["1", "2", "3"]
+    weights = []
+    for run in ("clean", "resumed"):
+        with open_nemo(tmp_path / run / "checkpoints" / "megatron_gpt_dpo.nemo") as unpacked:
+            weights.append(read_torch_dist_tensors(unpacked / "model_weights"))
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
