@@ -325,6 +325,7 @@ class SPINTrainer(BaseTrainer):
             if index >= self.val_batches:
                 break
             loss, metrics = self.model.get_loss_and_metrics_vanilla_sft(batch, forward_only=True)
+            kill_point("validation")
             total += loss * metrics["num_tokens"]
             tokens += metrics["num_tokens"]
         self.model.finish_validation_step()

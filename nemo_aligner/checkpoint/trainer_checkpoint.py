@@ -127,6 +127,7 @@ def save_checkpoint(
             extra_files(partial)
         (partial / COMPLETE_MARKER).write_text("ok\n")
         _fsync_dir(partial)
+        kill_point("before_rename")
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -159,11 +160,15 @@ def load_checkpoint(path: Path, sharded_state_dict: dict) -> tuple[dict, dict[st
 
 
 def remove_partial_checkpoints(checkpoint_dir: Path) -> None:
-    """Delete leftovers of saves that were killed before they completed (rank 0 only)."""
+    """Delete leftovers of saves that were killed before they completed (rank 0 only): trainer checkpoints
+    (``.<name>.partial-*``) and ``.nemo`` exports (``.<name>.<uuid>.tmp`` staging directories and tar files)."""
     if not is_global_rank_zero() or not checkpoint_dir.is_dir():
         return
-    for leftover in checkpoint_dir.glob(".*.partial-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in [*checkpoint_dir.glob(".*.partial-*"), *checkpoint_dir.glob(".*.tmp")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
