@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+STARTING_MODEL_STEPS = 150  # the tiny SFT model the functional tests start DPO and SPIN from
 SCRIPTS = REPO / "examples" / "nlp" / "gpt"
 
 
@@ -256,14 +257,18 @@ def reference_run(job: Job, log_dir: Path, model: Path | None) -> Reference:
     result = run_job(job, log_dir, model)
     if result.returncode != 0:
         raise RuntimeError(f"{job.name}: the uninterrupted run failed:\n{result.stderr[-3000:]}")
+    return load_reference(job, log_dir)
+
+
+def load_reference(job: Job, log_dir: Path) -> Reference:
     return Reference(final_weights(log_dir, job), read_trace(log_dir), metrics_rows(log_dir))
 
 
-def try_kill(job: Job, spec: str, log_dir: Path, model: Path | None, reference: Reference) -> dict:
-    """Kill the job at each point of ``spec`` in turn, resume it to the end, compare with the reference."""
+def kill_and_resume(job: Job, spec: str, log_dir: Path, model: Path | None) -> dict:
+    """Kill the job at each point of ``spec`` in turn, then resume it to the end (checked later)."""
     shutil.rmtree(log_dir, ignore_errors=True)
     start = time.monotonic()
-    outcome: dict = {"job": job.name, "kill": spec, "problems": []}
+    outcome: dict = {"job": job.name, "kill": spec, "log_dir": str(log_dir), "problems": []}
     for kill in spec.split(","):
         result = run_job(job, log_dir, model, kill)
         expected = 0 if kill.endswith("+TERM") else -signal.SIGKILL
@@ -274,10 +279,7 @@ def try_kill(job: Job, spec: str, log_dir: Path, model: Path | None, reference: 
     if resumed.returncode != 0:
         outcome["problems"].append(f"resume failed with exit code {resumed.returncode}")
         outcome["stderr"] = resumed.stderr[-2000:]
-    outcome.update(check_result(job, log_dir, reference))
-    outcome["problems"] += outcome.pop("found")
     outcome["seconds"] = round(time.monotonic() - start, 1)
-    outcome["survived"] = not outcome["problems"]
     return outcome
 
 
@@ -316,30 +318,56 @@ def describe_difference(expected: list[dict], actual: list[dict]) -> str:
 
 
 def starting_model() -> Path:
-    """The tiny SFT model DPO and SPIN start from (cached; built on first use)."""
-    sys.path.insert(0, str(REPO))
-    from scripts.build_tiny_base_model import build_tiny_base_model
-
-    return build_tiny_base_model(steps=150)
+    """The tiny SFT model DPO and SPIN start from (the embedded default's, cached; built on first use)."""
+    cmd = [sys.executable, str(REPO / "scripts" / "build_tiny_base_model.py"), "--steps", str(STARTING_MODEL_STEPS)]
+    result = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the starting model failed:\n{result.stderr[-3000:]}")
+    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def run_campaign(
-    jobs: Sequence[Job], work_dir: Path, model: Path | None = None, specs: dict | None = None, workers: int = 2
+    jobs: Sequence[Job],
+    work_dir: Path,
+    model: Path | None = None,
+    specs: dict | None = None,
+    workers: int = 2,
+    record: Path | None = None,
 ) -> dict:
-    """Every kill spec of every job (or ``specs[job.name]``); returns the summary."""
-    if model is None and any(job.needs_model for job in jobs):
-        model = starting_model()
+    """Every kill spec of every job (or ``specs[job.name]``), ``workers`` processes at a time; the summary.
+
+    Jobs that need no starting model go first, so they run while it is built. Each checked outcome is also
+    appended to ``record`` (JSON lines) as soon as it is known.
+    """
+    jobs = sorted(jobs, key=lambda job: job.needs_model)
     outcomes = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
+        needs_model = model is None and any(job.needs_model for job in jobs)
+        built = pool.submit(starting_model) if needs_model else None
+
+        def model_for(job: Job) -> Path | None:
+            return (model or built.result()) if job.needs_model else None
+
+        def reference(job: Job) -> Reference:
+            return reference_run(job, work_dir / job.name / "uninterrupted", model_for(job))
+
+        def kill(job: Job, n: int, spec: str) -> dict:
+            return kill_and_resume(job, spec, work_dir / job.name / f"kill{n}", model_for(job))
+
+        submitted = []
         for job in jobs:
-            job_model = model if job.needs_model else None
-            reference = reference_run(job, work_dir / job.name / "uninterrupted", job_model)
+            expected = pool.submit(reference, job)
             tried = (specs or {}).get(job.name, job.kill_specs)
-            runs = [
-                pool.submit(try_kill, job, spec, work_dir / job.name / f"kill{n}", job_model, reference)
-                for n, spec in enumerate(tried)
-            ]
-            outcomes += [run.result() for run in runs]
+            submitted += [(job, expected, pool.submit(kill, job, n, spec)) for n, spec in enumerate(tried)]
+        for job, expected, run in submitted:
+            outcome = run.result()
+            outcome.update(check_result(job, Path(outcome["log_dir"]), expected.result()))
+            outcome["problems"] += outcome.pop("found")
+            outcome["survived"] = not outcome["problems"]
+            outcomes.append(outcome)
+            if record is not None:
+                with record.open("a") as file:
+                    file.write(json.dumps(outcome) + "\n")
     return summarize(outcomes)
 
 
@@ -362,13 +390,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", nargs="+", choices=sorted(JOBS), default=sorted(JOBS))
-    parser.add_argument("--work-dir", type=Path, help="where the runs write (default: a temporary directory)")
+    parser.add_argument(
+        "--work-dir", type=Path, help="where the runs and outcomes.jsonl go (default: a temporary directory)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="kill runs in parallel (default 2)")
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
     args = parser.parse_args(argv)
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="fault_campaign_"))
     start = time.monotonic()
-    summary = run_campaign([JOBS[name] for name in args.algorithms], work_dir, workers=args.workers)
+    jobs = [JOBS[name] for name in args.algorithms]
+    summary = run_campaign(jobs, work_dir, workers=args.workers, record=work_dir / "outcomes.jsonl")
     summary["seconds"] = round(time.monotonic() - start, 1)
     text = json.dumps(summary, indent=1)
     print(text)
