@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STARTING_MODEL_STEPS = 150  # the tiny SFT model the functional tests start DPO and SPIN from
+# Steps of the tiny starting models, as the functional tests build them (so the cached files are shared).
+STARTING_MODELS = {"sft": 150, "judge": 80}
 SCRIPTS = REPO / "examples" / "nlp" / "gpt"
 
 
@@ -52,7 +53,7 @@ class Job:
     nemo_name: str
     kill_specs: tuple[str, ...]
     config_name: str | None = None
-    needs_model: bool = False
+    model: str | None = None  # the starting model: None (built from scratch), "sft" or "judge"
 
 
 SFT = Job(
@@ -113,7 +114,7 @@ DPO = Job(
         "nemo_export",
         "after_step:3+TERM",
     ),
-    needs_model=True,
+    model="sft",
 )
 
 SPIN = Job(
@@ -148,10 +149,20 @@ SPIN = Job(
         "after_step:4+TERM",
     ),
     config_name="gpt_spin_tiny",
-    needs_model=True,
+    model="sft",
 )
 
-JOBS = {job.name: job for job in (SFT, DPO, SPIN)}
+SELF_REWARDING = Job(
+    "self_rewarding",
+    "examples.nlp.gpt.train_gpt_self_rewarding",
+    ("trainer.self_rewarding.save_interval=2", "exp_manager.checkpoint_callback_params.save_top_k=1"),
+    "megatron_gpt_self_rewarding.nemo",
+    ("rollout:2", "after_step:2", "before_iteration_end", "after_step:5", "inside_save:3", "nemo_export"),
+    config_name="gpt_self_rewarding_tiny",
+    model="judge",
+)
+
+JOBS = {job.name: job for job in (SFT, DPO, SPIN, SELF_REWARDING)}
 
 
 # ---------------------------------------------------------------------------------------------------- child side
@@ -317,9 +328,10 @@ def describe_difference(expected: list[dict], actual: list[dict]) -> str:
     return f"{len(expected)} steps expected, {len(actual)} run"
 
 
-def starting_model() -> Path:
-    """The tiny SFT model DPO and SPIN start from (the embedded default's, cached; built on first use)."""
-    cmd = [sys.executable, str(REPO / "scripts" / "build_tiny_base_model.py"), "--steps", str(STARTING_MODEL_STEPS)]
+def starting_model(kind: str) -> Path:
+    """The tiny model DPO and SPIN ("sft") or Self-Rewarding ("judge") start from (cached; built on first use)."""
+    cmd = [sys.executable, str(REPO / "scripts" / "build_tiny_base_model.py"), "--steps", str(STARTING_MODELS[kind])]
+    cmd += ["--with_judge"] if kind == "judge" else []
     result = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"building the starting model failed:\n{result.stderr[-3000:]}")
@@ -329,24 +341,25 @@ def starting_model() -> Path:
 def run_campaign(
     jobs: Sequence[Job],
     work_dir: Path,
-    model: Path | None = None,
+    models: dict[str, Path] | None = None,
     specs: dict | None = None,
     workers: int = 2,
     record: Path | None = None,
 ) -> dict:
     """Every kill spec of every job (or ``specs[job.name]``), ``workers`` processes at a time; the summary.
 
-    Jobs that need no starting model go first, so they run while it is built. Each checked outcome is also
-    appended to ``record`` (JSON lines) as soon as it is known.
+    Starting models not given in ``models`` are built first, while the jobs that need none run. Each checked
+    outcome is also appended to ``record`` (JSON lines) as soon as it is known.
     """
-    jobs = sorted(jobs, key=lambda job: job.needs_model)
+    jobs = sorted(jobs, key=lambda job: job.model is not None)
     outcomes = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        needs_model = model is None and any(job.needs_model for job in jobs)
-        built = pool.submit(starting_model) if needs_model else None
+        kinds = {job.model for job in jobs if job.model is not None} - set(models or {})
+        built = {**(models or {}), **{kind: pool.submit(starting_model, kind) for kind in sorted(kinds)}}
 
         def model_for(job: Job) -> Path | None:
-            return (model or built.result()) if job.needs_model else None
+            found = built.get(job.model)
+            return found.result() if hasattr(found, "result") else found
 
         def reference(job: Job) -> Reference:
             return reference_run(job, work_dir / job.name / "uninterrupted", model_for(job))

@@ -83,11 +83,17 @@ def is_complete(path: Path) -> bool:
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (by the step recorded inside, then by name)."""
+    """Complete checkpoints, oldest first: by the step recorded inside, then the iteration (SPIN saves the last
+    step of iteration t and, at the same step, the start of iteration t+1: the later one is the latest), then name.
+    """
     if not checkpoint_dir.is_dir():
         return []
-    found = [p for p in checkpoint_dir.iterdir() if is_complete(p)]
-    return sorted(found, key=lambda p: (read_trainer_state(p).get("step", 0), p.name))
+
+    def order(path: Path) -> tuple[int, int, str]:
+        state = read_trainer_state(path)
+        return state.get("step", 0), state.get("iteration", 0), path.name
+
+    return sorted((p for p in checkpoint_dir.iterdir() if is_complete(p)), key=order)
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

@@ -4,8 +4,14 @@ saves removed, and the campaign's own check that detects skipped or repeated dat
 from __future__ import annotations
 
 import csv
+import json
 
-from nemo_aligner.checkpoint.trainer_checkpoint import remove_partial_checkpoints
+from nemo_aligner.checkpoint.trainer_checkpoint import (
+    COMPLETE_MARKER,
+    TRAINER_STATE_FILE,
+    list_checkpoints,
+    remove_partial_checkpoints,
+)
 from nemo_aligner.utils.exp_manager import ResumableCSVLogger
 from scripts.fault_campaign import effective_history
 
@@ -44,6 +50,22 @@ def test_leftovers_of_killed_checkpoint_saves_and_nemo_exports_are_removed(tmp_p
     (tmp_path / ".model.nemo.fedcba9876543210.tmp").write_text("half a tar")  # its half-written archive
     remove_partial_checkpoints(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.nemo", "step=3"]
+
+
+def fake_checkpoint(directory, name: str, **state) -> None:
+    (directory / name).mkdir()
+    (directory / name / TRAINER_STATE_FILE).write_text(json.dumps(state))
+    (directory / name / COMPLETE_MARKER).write_text("ok\n")
+
+
+def test_the_start_of_an_iteration_is_later_than_the_last_step_of_the_previous_one(tmp_path):
+    # SPIN at step 3: the after-step save of iteration 0, then the iteration-end save that starts iteration 1
+    # (consumed_samples reset to 0, so its default name sorts first).
+    fake_checkpoint(tmp_path, "step=3-consumed_samples=48", step=3, iteration=0, consumed_samples=48)
+    fake_checkpoint(tmp_path, "step=3-consumed_samples=0", step=3, iteration=1, consumed_samples=0)
+    fake_checkpoint(tmp_path, "step=2-consumed_samples=32", step=2, iteration=0, consumed_samples=32)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["step=2-consumed_samples=32", "step=3-consumed_samples=48", "step=3-consumed_samples=0"]
 
 
 def record(step: int, indices: list[int]) -> dict:
