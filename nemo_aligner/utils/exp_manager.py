@@ -125,8 +125,12 @@ class ResumableCSVLogger(CSVLogger):
             return sum(1 for _ in csv.DictReader(file))
 
     def truncate(self, rows: int | None) -> None:
-        """Keep the first ``rows`` rows of ``metrics.csv`` (all of them when ``rows`` is None: an older checkpoint)."""
+        """Keep the first ``rows`` rows of ``metrics.csv`` (all of them when ``rows`` is None: an older checkpoint;
+        none, and no file, when 0: a fresh start)."""
         if rows is None or not self.metrics_file.is_file():
+            return
+        if rows == 0:
+            self.metrics_file.unlink()
             return
         with self.metrics_file.open(newline="") as file:
             reader = csv.DictReader(file)

@@ -33,12 +33,14 @@ def test_csv_logger_counts_flushed_rows_and_truncates_to_a_count(tmp_path):
     assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == expected
 
 
-def test_truncate_keeps_everything_for_a_checkpoint_without_a_count(tmp_path):
+def test_truncate_keeps_everything_for_a_checkpoint_without_a_count_and_nothing_for_a_fresh_start(tmp_path):
     logger = ResumableCSVLogger(save_dir=str(tmp_path), name="", version="csv")
     logger.log_metrics({"loss": 1.0}, step=1)
     logger.flush()
     ResumableCSVLogger(save_dir=str(tmp_path), name="", version="csv").truncate(None)
     assert len((tmp_path / "csv" / "metrics.csv").read_text().splitlines()) == 2
+    ResumableCSVLogger(save_dir=str(tmp_path), name="", version="csv").truncate(0)
+    assert not (tmp_path / "csv" / "metrics.csv").exists()
 
 
 def test_leftovers_of_killed_checkpoint_saves_and_nemo_exports_are_removed(tmp_path):
