@@ -407,12 +407,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--work-dir", type=Path, help="where the runs and outcomes.jsonl go (default: a temporary directory)"
     )
     parser.add_argument("--workers", type=int, default=2, help="kill runs in parallel (default 2)")
+    parser.add_argument(
+        "--points", nargs="+", metavar="JOB:SPEC", help="only these kill specs, e.g. spin:rollout:2 sft:after_step:5"
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
     args = parser.parse_args(argv)
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="fault_campaign_"))
     start = time.monotonic()
     jobs = [JOBS[name] for name in args.algorithms]
-    summary = run_campaign(jobs, work_dir, workers=args.workers, record=work_dir / "outcomes.jsonl")
+    specs = None
+    if args.points:
+        specs = {job.name: [] for job in jobs}
+        for entry in args.points:
+            name, _, spec = entry.partition(":")
+            specs.setdefault(name, []).append(spec)
+        jobs = [JOBS[name] for name in specs]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    summary = run_campaign(jobs, work_dir, specs=specs, workers=args.workers, record=work_dir / "outcomes.jsonl")
     summary["seconds"] = round(time.monotonic() - start, 1)
     text = json.dumps(summary, indent=1)
     print(text)
