@@ -417,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = [JOBS[name] for name in args.algorithms]
     specs = None
     if args.points:
-        specs = {job.name: [] for job in jobs}
+        specs = {}
         for entry in args.points:
             name, _, spec = entry.partition(":")
             specs.setdefault(name, []).append(spec)
