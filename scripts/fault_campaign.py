@@ -2,6 +2,7 @@
 
     python scripts/fault_campaign.py                       # every kill point of SFT, DPO and SPIN
     python scripts/fault_campaign.py --algorithms sft --out campaign.json
+    python scripts/fault_campaign.py --points spin:rollout:2 self_rewarding:before_iteration_end
 
 For each algorithm it runs the tiny embedded-default job once uninterrupted, then once per kill point: the job
 is started with ``NEMO_ALIGNER_KILL_AT=<point>`` (``nemo_aligner/utils/kill_points.py``), must die there, and is
@@ -402,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_child(argv[1], argv[2], argv[3:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algorithms", nargs="+", choices=sorted(JOBS), default=sorted(JOBS))
+    parser.add_argument("--algorithms", nargs="+", choices=sorted(JOBS), default=["sft", "dpo", "spin"])
     parser.add_argument(
         "--work-dir", type=Path, help="where the runs and outcomes.jsonl go (default: a temporary directory)"
     )
