@@ -162,10 +162,12 @@ class BaseTrainer:
         self.model.prepare_for_training_step()
         _, metrics = self.model.get_loss_and_metrics(batch=self.prepare_batch(batch, True), forward_only=False)
         self.model.finish_training_step()
+        kill_point("after_backward")
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=1)
+        kill_point("after_optimizer_step")
         return {**metrics, "grad_norm": float(grad_norm or 0.0), "lr": lr}
 
     def run_validation(self) -> dict[str, float]:
@@ -179,6 +181,7 @@ class BaseTrainer:
             if index >= self.val_batches:
                 break
             _, metrics = self.model.get_loss_and_metrics(batch=self.prepare_batch(batch, False), forward_only=True)
+            kill_point("validation")
             weight = float(metrics.get("num_tokens", metrics.get("num_pairs", 1.0)))
             total_weight += weight
             for key, value in metrics.items():

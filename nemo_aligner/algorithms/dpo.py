@@ -22,6 +22,7 @@ from megatron.core import parallel_state
 
 from nemo_aligner.algorithms.base import BaseTrainer
 from nemo_aligner.utils.distributed import is_global_rank_zero
+from nemo_aligner.utils.kill_points import kill_point
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def compute_reference_logprobs(model, batches: Iterable[Mapping[str, Any]]) -> R
         indices.append(batch["sample_index"][keep])
         chosen.append(c[keep].float())
         rejected.append(r[keep].float())
+        kill_point("reference_logprobs")
     local = (torch.cat(indices), torch.cat(chosen), torch.cat(rejected)) if indices else (torch.empty(0),) * 3
     if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
         gathered = [None] * parallel_state.get_data_parallel_world_size()

@@ -288,8 +288,9 @@ class SPINTrainer(BaseTrainer):
         if "reference" in rollout:
             ref = rollout["reference"]
             self.reference = ReferenceLogprobs(ref["sample_index"], ref["chosen"], ref["rejected"])
-        self.log(self.rollout_stats, self.metric_prefix_train)
-        self._log_samples(rollout)
+        if self.consumed_samples == 0:  # logged once, when the iteration starts (not again by a resumed run)
+            self.log(self.rollout_stats, self.metric_prefix_train)
+            self._log_samples(rollout)
 
     def _log_samples(self, rollout: Mapping[str, Any], count: int = 4) -> None:
         if self.logger is None:
@@ -325,6 +326,7 @@ class SPINTrainer(BaseTrainer):
             if index >= self.val_batches:
                 break
             loss, metrics = self.model.get_loss_and_metrics_vanilla_sft(batch, forward_only=True)
+            kill_point("validation")
             total += loss * metrics["num_tokens"]
             tokens += metrics["num_tokens"]
         self.model.finish_validation_step()

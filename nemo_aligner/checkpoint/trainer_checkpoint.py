@@ -83,11 +83,17 @@ def is_complete(path: Path) -> bool:
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (by the step recorded inside, then by name)."""
+    """Complete checkpoints, oldest first: by the step recorded inside, then the iteration (SPIN saves the last
+    step of iteration t and, at the same step, the start of iteration t+1: the later one is the latest), then name.
+    """
     if not checkpoint_dir.is_dir():
         return []
-    found = [p for p in checkpoint_dir.iterdir() if is_complete(p)]
-    return sorted(found, key=lambda p: (read_trainer_state(p).get("step", 0), p.name))
+
+    def order(path: Path) -> tuple[int, int, str]:
+        state = read_trainer_state(path)
+        return state.get("step", 0), state.get("iteration", 0), path.name
+
+    return sorted((p for p in checkpoint_dir.iterdir() if is_complete(p)), key=order)
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
@@ -127,6 +133,7 @@ def save_checkpoint(
             extra_files(partial)
         (partial / COMPLETE_MARKER).write_text("ok\n")
         _fsync_dir(partial)
+        kill_point("before_rename")
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -159,11 +166,15 @@ def load_checkpoint(path: Path, sharded_state_dict: dict) -> tuple[dict, dict[st
 
 
 def remove_partial_checkpoints(checkpoint_dir: Path) -> None:
-    """Delete leftovers of saves that were killed before they completed (rank 0 only)."""
+    """Delete leftovers of saves that were killed before they completed (rank 0 only): trainer checkpoints
+    (``.<name>.partial-*``) and ``.nemo`` exports (``.<name>.<uuid>.tmp`` staging directories and tar files)."""
     if not is_global_rank_zero() or not checkpoint_dir.is_dir():
         return
-    for leftover in checkpoint_dir.glob(".*.partial-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in [*checkpoint_dir.glob(".*.partial-*"), *checkpoint_dir.glob(".*.tmp")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

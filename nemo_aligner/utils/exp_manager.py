@@ -4,6 +4,10 @@ Keys (``exp_manager.*``, as in NeMo): ``explicit_log_dir`` (or ``exp_dir``/``nam
 and ``create_csv_logger`` (default on), ``create_wandb_logger`` with ``wandb_logger_kwargs.{project,name,offline}``,
 ``resume_if_exists``, ``resume_ignore_no_checkpoint``, ``max_time_per_run`` ("DD:HH:MM:SS"),
 ``checkpoint_callback_params.{monitor, save_top_k, mode, always_save_nemo, save_nemo_on_train_end, filename}``.
+
+A resumed run's ``metrics.csv`` holds exactly the rows an uninterrupted run would have: each checkpoint flushes the
+CSV logger and records its row count, and resuming cuts the file back to that count (rows logged after the
+checkpoint, by a run that was then killed, are logged again by the resumed run).
 """
 
 from __future__ import annotations
@@ -25,8 +29,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.checkpoint import trainer_checkpoint
 from nemo_aligner.utils.distributed import is_global_rank_zero
+from nemo_aligner.utils.kill_points import kill_point
 
 logger = logging.getLogger(__name__)
+
+# Trainer-state key: rows of metrics.csv when the checkpoint was saved (a resume cuts the file back to it).
+METRICS_ROWS_KEY = "metrics_csv_rows"
 
 
 @dataclass
@@ -37,6 +45,7 @@ class Experiment:
     checkpoint_dir: Path
     resume_path: Path | None
     name: str = "megatron_gpt"
+    csv_logger: ResumableCSVLogger | None = None
 
 
 def resolve_log_dir(cfg: Mapping[str, Any]) -> Path:
@@ -53,6 +62,7 @@ def exp_manager(trainer, cfg: DictConfig | Mapping[str, Any] | None) -> Experime
     if is_global_rank_zero():
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     trainer.loggers = build_loggers(cfg, log_dir)
+    csv_logger = next((one for one in trainer.loggers if isinstance(one, ResumableCSVLogger)), None)
     trainer_checkpoint.remove_partial_checkpoints(checkpoint_dir)
     resume_path = None
     if cfg.get("resume_if_exists", True):
@@ -65,7 +75,10 @@ def exp_manager(trainer, cfg: DictConfig | Mapping[str, Any] | None) -> Experime
                 f"exp_manager.resume_if_exists=True and resume_ignore_no_checkpoint=False, but {checkpoint_dir} "
                 "holds no complete checkpoint"
             )
-    return Experiment(log_dir, checkpoint_dir, resume_path, name=cfg.get("name") or "megatron_gpt")
+    if csv_logger is not None and is_global_rank_zero():
+        rows = trainer_checkpoint.read_trainer_state(resume_path).get(METRICS_ROWS_KEY) if resume_path else 0
+        csv_logger.truncate(rows)
+    return Experiment(log_dir, checkpoint_dir, resume_path, cfg.get("name") or "megatron_gpt", csv_logger)
 
 
 def build_loggers(cfg: DictConfig, log_dir: Path) -> list:
@@ -90,7 +103,7 @@ class _AppendingCSVWriter(ExperimentWriter):
 
 
 class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSV logger, except that a resumed run appends to ``metrics.csv``."""
+    """Lightning's CSV logger, except that a resumed run appends to ``metrics.csv`` (cut back to its checkpoint)."""
 
     @property
     def experiment(self) -> ExperimentWriter:
@@ -98,6 +111,36 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingCSVWriter(log_dir=self.log_dir)
         return self._experiment
+
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+
+    def flush(self) -> int:
+        """Write the buffered rows; returns the number of rows in ``metrics.csv``."""
+        self.experiment.save()
+        if not self.metrics_file.is_file():
+            return 0
+        with self.metrics_file.open(newline="") as file:
+            return sum(1 for _ in csv.DictReader(file))
+
+    def truncate(self, rows: int | None) -> None:
+        """Keep the first ``rows`` rows of ``metrics.csv`` (all of them when ``rows`` is None: an older checkpoint;
+        none, and no file, when 0: a fresh start)."""
+        if rows is None or not self.metrics_file.is_file():
+            return
+        if rows == 0:
+            self.metrics_file.unlink()
+            return
+        with self.metrics_file.open(newline="") as file:
+            reader = csv.DictReader(file)
+            fields, kept = reader.fieldnames or [], list(reader)[:rows]
+        tmp = self.metrics_file.with_suffix(".tmp")
+        with tmp.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(kept)
+        tmp.replace(self.metrics_file)
 
 
 def _wandb_logger(cfg: DictConfig, log_dir: Path):
@@ -197,17 +240,25 @@ class CheckpointCallback:
         self.state_fn = state_fn
         self.nemo_fn = nemo_fn
         self.final_nemo_path = experiment.checkpoint_dir / f"{experiment.name}.nemo"
+        self.csv_logger = experiment.csv_logger
 
     def custom_save(self, monitor_candidates: Mapping[str, Any], is_train_end: bool = False) -> Path:
-        """Save a checkpoint named from ``monitor_candidates`` (which also holds ``step`` etc.)."""
+        """Save a checkpoint named from ``monitor_candidates`` (which also holds ``step`` etc.).
+
+        At the end of training the final ``.nemo`` is exported first: a run killed during the export then resumes
+        from an earlier checkpoint and exports again, instead of finding its last checkpoint done and no ``.nemo``.
+        """
+        if is_train_end and self.save_nemo_on_train_end:
+            self.nemo_fn(self.final_nemo_path)
         sharded, trainer_state = self.state_fn()
         trainer_state = {**trainer_state, "monitor": {self.monitor: monitor_candidates.get(self.monitor)}}
+        if self.csv_logger is not None and is_global_rank_zero():
+            trainer_state[METRICS_ROWS_KEY] = self.csv_logger.flush()
         name = format_checkpoint_name(self.filename, monitor_candidates)
         export = (lambda d: self.nemo_fn(d / "model.nemo")) if self.always_save_nemo else None
         path = trainer_checkpoint.save_checkpoint(self.checkpoint_dir, name, sharded, trainer_state, export)
+        kill_point("before_prune")
         self._prune(keep=path)
-        if is_train_end and self.save_nemo_on_train_end:
-            self.nemo_fn(self.final_nemo_path)
         return path
 
     def _prune(self, keep: Path) -> None:

@@ -2,10 +2,23 @@
 
 Set ``NEMO_ALIGNER_KILL_AT=<point>[:<n>]`` and the process SIGKILLs itself the n-th time (default: first)
 it reaches ``kill_point(<point>)``; the trainer passes its step for ``after_step``, so ``after_step:3`` dies
-right after the optimizer step 3 finished. Points: ``after_step``, ``inside_save`` (weights written, checkpoint
-not yet complete), ``after_save``, ``rollout`` (SPIN/Self-Rewarding generation), ``before_iteration_end``.
+right after the optimizer step 3 finished. Points, in the order a step meets them:
+
+* ``reference_logprobs``: DPO, per batch of the reference log-prob precomputation;
+* ``rollout``: SPIN/Self-Rewarding, per generation batch;
+* ``after_backward``: gradients reduced, optimizer not yet stepped;
+* ``after_optimizer_step``: weights updated, ``step``/``consumed_samples`` not yet advanced;
+* ``after_step``: the step is counted (value: the step);
+* ``validation``: per validation batch;
+* ``inside_save``: a trainer checkpoint's weights written, no ``COMPLETE`` marker yet;
+* ``before_rename``: marker written, the checkpoint still under its ``.partial`` name;
+* ``before_prune``: the checkpoint in place, older ones not yet deleted (``save_top_k``);
+* ``after_save``: the save finished on every rank;
+* ``nemo_export``: a ``.nemo`` file's weights written, the archive not yet packed and moved into place;
+* ``before_iteration_end``: SPIN/Self-Rewarding, between an iteration's last step and its end-of-iteration save.
+
 ``NEMO_ALIGNER_KILL_SIGNAL=TERM`` sends SIGTERM instead (a preemption: the run saves and exits cleanly).
-Without the variable this is a no-op.
+Without the variable this is a no-op. ``scripts/fault_campaign.py`` kills at each of them and checks the resume.
 """
 
 from __future__ import annotations

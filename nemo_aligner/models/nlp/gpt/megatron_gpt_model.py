@@ -29,6 +29,7 @@ from nemo_aligner.models.nlp.gpt.model_config import layer_spec, padded_vocab_si
 from nemo_aligner.tokenizers import Tokenizer, build_tokenizer
 from nemo_aligner.utils import mcore_compat
 from nemo_aligner.utils.distributed import initialize_distributed, is_global_rank_zero, seed_everything
+from nemo_aligner.utils.kill_points import kill_point
 from nemo_aligner.utils.logprobs import shifted_logprobs
 from nemo_aligner.utils.optimization import build_lr_scheduler, build_optimizer, ddp_config_for
 
@@ -265,6 +266,7 @@ class MegatronGPTModel(LightningModule):
         """Write this model's weights (every rank's shard) as a torch_dist checkpoint; a collective call."""
         Path(weights_dir).mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(self.weights_sharded_state_dict(), str(weights_dir))
+        kill_point("nemo_export")
 
     # ------------------------------------------------------------------ .nemo files
     def save_to(self, save_path: str | Path, packed: bool = True) -> None:
