@@ -193,6 +193,10 @@ class CustomLoggerWrapper:
             return
         for one in self.loggers:
             one.finalize("success")
+            if type(one).__name__ == "WandbLogger":
+                # Lightning leaves the run open; an in-process caller (a notebook, a sweep) would otherwise lose the
+                # last history rows, which wandb writes only when the run finishes.
+                one.experiment.finish()
 
 
 def _md_cell(value: Any) -> str:

@@ -11,7 +11,6 @@ import json
 import subprocess
 
 import pytest
-import wandb
 
 from examples.nlp.gpt.train_gpt_dpo import main as dpo_main
 from examples.nlp.gpt.train_gpt_spin import main as spin_main
@@ -55,9 +54,8 @@ SPIN_TRAIN_METRICS = [
 def wandb_history(log_dir) -> list[dict]:
     """The history rows of the run's offline ``.wandb`` file, through wandb's own transaction-log reader.
 
-    The run is finished first, as the end of the training process would do (the last row is written then).
+    The training run finished its wandb run itself (the last row is written then): no ``wandb.finish()`` here.
     """
-    wandb.finish()
     [run_file] = (log_dir / "wandb").glob("offline-run-*/run-*.wandb")
     result = subprocess.run(
         ["wandb", "leet", "inspect", "--json", str(run_file)], capture_output=True, text=True, timeout=120
