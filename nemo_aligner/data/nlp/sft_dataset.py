@@ -192,6 +192,8 @@ class PromptTemplate:
                 problems.append((key, f"missing key (prompt_template {self.template!r} uses it)"))
             elif not isinstance(data[key], str):
                 problems.append((key, type_problem(data[key], "a string")))
+            elif key == self.label_key and not data[key].strip():
+                problems.append((key, "is empty: the response the model learns must have text"))
         return problems
 
     def render(self, data: Mapping[str, Any]) -> tuple[str, str]:
