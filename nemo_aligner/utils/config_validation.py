@@ -83,7 +83,7 @@ class ConfigChecker:
     def existing_files(self, key: str) -> list[str]:
         """A file path or a list of them; each must exist."""
         value = OmegaConf.select(self.cfg, key)
-        if value is None or value == "???":
+        if value is None or value == "???" or value == "":
             self.add(key, "is missing: set it to a data file")
             return []
         paths = list(value) if isinstance(value, (list, ListConfig)) else [value]

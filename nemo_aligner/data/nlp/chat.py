@@ -142,11 +142,7 @@ class ChatTemplate:
                 ]
         if len(roles) == 1:
             return [("conversations", f"only a {roles[0]!r} turn: no answering turn to score (mask: {shown})")]
-        return [
-            (f"conversations[{i}].value", f"the {turn['from']!r} turn is empty: an answer the model learns needs text")
-            for i, turn in enumerate(data["conversations"])
-            if turn["from"] not in masked and not turn["value"].strip()
-        ]
+        return []
 
     def _units(self, data: Mapping[str, Any]) -> list[list[tuple[str, bool]]]:
         """The conversation as tokenization units, each a list of ``(text, scored)`` parts."""
