@@ -64,7 +64,7 @@ def malicious_nemo(tmp_path: Path, tamper) -> Path:
 
 def dcp_with_payload(weights_dir: Path, marker: Path) -> None:
     """Rewrite a torch_dist directory with its tensors plus a byte entry holding the payload (as `_extra_state`
-    or a ShardedObject of optimizer state is stored)."""
+    is stored)."""
     import torch.distributed.checkpoint as dcp
 
     tensors = read_torch_dist_tensors(weights_dir)
@@ -238,8 +238,8 @@ def _common_state(checkpoint: Path, marker: Path) -> None:
 TRAINER_PAYLOADS = [
     ("rng_state", _rng, r"rng/rank_0\.pt: refusing, it needs unrestricted unpickling"),
     ("dcp_metadata", _state_metadata, r"state/\.metadata: refusing to unpickle (posix|os)\.system"),
-    ("optimizer_byte_entry", _state_byte_entry, r"state: refusing entry 'model\.decoder\.layers\.mlp\.linear_fc1"),
-    ("common_pt", _common_state, r"state/common\.pt: refusing, it needs unrestricted unpickling"),
+    ("extra_state_byte_entry", _state_byte_entry, r"state: refusing entry 'model\.decoder\.layers\.mlp\.linear_fc1"),
+    ("optimizer_state_in_common_pt", _common_state, r"state/common\.pt: refusing, it needs unrestricted unpickling"),
 ]
 
 
