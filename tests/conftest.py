@@ -80,6 +80,28 @@ def tiny_judge_model(tmp_path_factory) -> Path:
     return build_tiny_base_model(steps=80, cache_dir=tmp_path_factory.mktemp("judge_model_cache"), with_judge=True)
 
 
+@pytest.fixture(scope="session")
+def one_step_sft_checkpoint(tmp_path_factory) -> Path:
+    """A real trainer checkpoint (one SFT step of the embedded default) for tests that damage or tamper with it."""
+    from examples.nlp.gpt.train_gpt_sft import main
+    from nemo_aligner.checkpoint.trainer_checkpoint import list_checkpoints
+    from nemo_aligner.utils.config import compose_config
+    from tests.functional.sft_runs import SCRIPTS
+
+    results = tmp_path_factory.mktemp("one_step_sft")
+    overrides = [
+        f"exp_manager.explicit_log_dir={results}",
+        "trainer.sft.max_steps=1",
+        "trainer.sft.val_check_interval=1",
+        "trainer.sft.limit_val_batches=1",
+        "model.data.train_ds.global_batch_size=2",
+        "model.data.train_ds.micro_batch_size=1",
+    ]
+    main(compose_config(SCRIPTS / "conf", "gpt_sft", overrides))
+    (checkpoint,) = list_checkpoints(results / "checkpoints")
+    return checkpoint
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` need CUDA: on a machine without it they are reported as skipped (not run), never passed."""
     if torch.cuda.is_available():

@@ -76,10 +76,37 @@ def open_nemo(
         return
     with tempfile.TemporaryDirectory(prefix="nemo_", dir=tmp_dir) as tmp:
         unpacked = Path(tmp)
-        select = None if with_weights else (lambda name: len(PurePosixPath(name).parts) <= 2)
+        select = None if with_weights else _outside_weights
         _safe_extract(path, unpacked, select=select)
         _require_model_config(unpacked, path)
         yield unpacked
+
+
+def _outside_weights(name: str) -> bool:
+    """Root-level members (config, artifacts), not the weights: what reading a config or tokenizer needs."""
+    return len(PurePosixPath(name).parts) <= 2 and f"/{MODEL_WEIGHTS_DIR}" not in f"/{name}"
+
+
+def read_weight_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Global shapes of the tensors in a checkpoint's torch_dist weights, from the DCP metadata alone.
+
+    Only `model_weights/.metadata` is extracted from a tar (no tensor data), so this is cheap for any model size,
+    and it is read through the allowlist unpickler. Legacy layouts (no `model_weights/`) give `{}`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _weight_shapes_in(path)
+    wanted = PurePosixPath(MODEL_WEIGHTS_DIR, ".metadata")
+    with tempfile.TemporaryDirectory(prefix="nemo_meta_") as tmp:
+        _safe_extract(path, Path(tmp), select=lambda name: PurePosixPath(name) == wanted)
+        return _weight_shapes_in(Path(tmp))
+
+
+def _weight_shapes_in(root: Path) -> dict[str, tuple[int, ...]]:
+    if not (root / MODEL_WEIGHTS_DIR / ".metadata").is_file():
+        return {}
+    metadata = read_dcp_metadata(root / MODEL_WEIGHTS_DIR)
+    return {key: tuple(md.size) for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}
 
 
 def _require_model_config(unpacked_dir: Path, source: Path) -> None:
@@ -98,7 +125,7 @@ def _safe_extract(archive: Path, dest: Path, select: Callable[[str], bool] | Non
             for member in members:
                 _check_member(archive, member)
             if select is not None:
-                members = [m for m in members if m.isreg() and select(m.name) and "/model_weights" not in f"/{m.name}"]
+                members = [m for m in members if m.isreg() and select(m.name)]
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(dest, members=members, filter="data")
             else:

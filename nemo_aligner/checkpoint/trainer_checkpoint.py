@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import uuid
@@ -96,9 +97,53 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return sorted((p for p in checkpoint_dir.iterdir() if is_complete(p)), key=order)
 
 
+class CheckpointError(ValueError):
+    """A trainer checkpoint is damaged or unsafe to load; the message names the file."""
+
+
 def read_trainer_state(path: Path) -> dict[str, Any]:
     """The trainer state stored in a checkpoint (a small JSON file, readable without torch)."""
-    return json.loads((path / TRAINER_STATE_FILE).read_text())
+    file = path / TRAINER_STATE_FILE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{file}: unreadable trainer state ({exc}); move {path} away to resume from an earlier checkpoint"
+        ) from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
+    return state
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check a checkpoint before anything is built from it: complete, loadable and free of code to run.
+
+    megatron-core loads ``state/`` through torch DCP, which unpickles ``.metadata`` and byte entries with no
+    restriction: they are read here first through the allowlist unpickler and ``weights_only=True``
+    (:func:`~nemo_aligner.checkpoint.nemo_file.verify_torch_dist`), every shard file must hold the bytes the
+    metadata points at (a truncated copy fails here, not mid-load), and the RNG files must load weights-only.
+    """
+    from nemo_aligner.checkpoint.nemo_file import NemoFormatError, read_dcp_metadata, verify_torch_dist
+
+    read_trainer_state(path)
+    state_dir = path / STATE_DIR
+    try:
+        for info in read_dcp_metadata(state_dir).storage_data.values():
+            shard = state_dir / info.relative_path
+            needed = info.offset + info.length
+            size = shard.stat().st_size if shard.is_file() else 0
+            if size < needed:
+                raise CheckpointError(f"{shard}: truncated ({size} bytes, the metadata needs {needed})")
+        verify_torch_dist(state_dir)
+        for rng_file in sorted((path / RNG_DIR).glob("rank_*.pt")):
+            try:
+                torch.load(rng_file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"{rng_file}: refusing, it needs unrestricted unpickling ({exc})") from exc
+    except (CheckpointError, NemoFormatError, EOFError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"cannot resume from {path}: {exc}; move it away to resume from an earlier checkpoint"
+        ) from exc
 
 
 def save_checkpoint(
@@ -151,6 +196,7 @@ def load_checkpoint(path: Path, sharded_state_dict: dict) -> tuple[dict, dict[st
     """
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete trainer checkpoint (no {COMPLETE_MARKER} marker)")
+    verify_checkpoint(path)
     state = dist_checkpointing.load(sharded_state_dict, str(path / STATE_DIR))
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = path / RNG_DIR / f"rank_{rank}.pt"

@@ -83,7 +83,7 @@ class ConfigChecker:
     def existing_files(self, key: str) -> list[str]:
         """A file path or a list of them; each must exist."""
         value = OmegaConf.select(self.cfg, key)
-        if value is None or value == "???":
+        if value is None or value == "???" or value == "":
             self.add(key, "is missing: set it to a data file")
             return []
         paths = list(value) if isinstance(value, (list, ListConfig)) else [value]
@@ -120,14 +120,18 @@ def check_batch_sizes(checker: ConfigChecker, mbs_key: str, gbs_key: str, data_p
 
 
 def check_model_parallel(checker: ConfigChecker, model_key: str, world_size: int) -> int:
-    """TP/PP fit the job and the architecture; returns the data-parallel size (1 when the layout is invalid)."""
+    """TP/PP fit the job and the architecture; returns the data-parallel size (1 when the layout is invalid).
+
+    The architecture checks run even when the layout does not fit this job, so a config written for a larger
+    job (e.g. TP 8 tried on one process) reports every problem at once.
+    """
     tp = checker.integer(f"{model_key}.tensor_model_parallel_size", minimum=1) or 1
     pp = checker.integer(f"{model_key}.pipeline_model_parallel_size", minimum=1) or 1
-    if world_size % (tp * pp) != 0:
+    fits = world_size % (tp * pp) == 0
+    if not fits:
         checker.add(
             f"{model_key}.tensor_model_parallel_size", f"TP {tp} x PP {pp} does not divide {world_size} processes"
         )
-        return 1
     heads = checker.get(f"{model_key}.num_attention_heads")
     groups = checker.get(f"{model_key}.num_query_groups") or heads
     if isinstance(heads, int) and heads % tp != 0:
@@ -142,7 +146,58 @@ def check_model_parallel(checker: ConfigChecker, model_key: str, world_size: int
             f"{model_key}.virtual_pipeline_model_parallel_size",
             "the interleaved pipeline schedule is not supported (one model chunk per stage); set it to null",
         )
-    return world_size // (tp * pp)
+    return world_size // (tp * pp) if fits else 1
+
+
+def check_checkpoint_architecture(checker: ConfigChecker, model_key: str, restore_path: str) -> None:
+    """The config's architecture matches the checkpoint's weights (read from their metadata, before any model).
+
+    A mismatch comes from an architecture key overridden against the checkpoint (e.g. ``gpt_sft.yaml``'s
+    embedded-default sizes left in place when restoring another model) or from a `.nemo` whose config and weights
+    disagree; either way the weights could not load, so it is reported here instead of after the model is built.
+    """
+    from nemo_aligner.checkpoint.nemo_file import NemoFormatError, read_weight_shapes
+
+    try:
+        weights = _architecture_of_weights(read_weight_shapes(restore_path))
+    except NemoFormatError as err:
+        checker.add("restore_from_path", str(err))
+        return
+    hidden = checker.get(f"{model_key}.hidden_size")
+    for key in ("hidden_size", "num_layers", "ffn_hidden_size"):
+        value = checker.get(f"{model_key}.{key}")
+        if key in weights and isinstance(value, int) and value != weights[key]:
+            checker.add(
+                f"{model_key}.{key}",
+                f"{value} does not match the weights of {restore_path} ({key}={weights[key]}): remove the "
+                "override, or fix a checkpoint whose model_config.yaml disagrees with its weights",
+            )
+    heads = checker.get(f"{model_key}.num_attention_heads")
+    if "qkv_rows" in weights and isinstance(heads, int) and heads > 0 and hidden == weights.get("hidden_size"):
+        groups = checker.get(f"{model_key}.num_query_groups") or heads
+        kv_channels = checker.get(f"{model_key}.kv_channels") or hidden // heads
+        rows = (heads + 2 * groups) * kv_channels
+        if rows != weights["qkv_rows"]:
+            checker.add(
+                f"{model_key}.num_attention_heads",
+                f"{heads} heads, {groups} query groups and kv_channels {kv_channels} give {rows} fused QKV rows, but "
+                f"the weights of {restore_path} have {weights['qkv_rows']}: remove the override, or fix the checkpoint",
+            )
+
+
+def _architecture_of_weights(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """The sizes megatron-core's layer-stacked weights fix: hidden size, layers, FFN width and fused QKV rows."""
+    found = {}
+    for key, shape in shapes.items():
+        if key.endswith(("embedding.word_embeddings.weight", "decoder.final_layernorm.weight")):
+            found["hidden_size"] = shape[-1]
+        elif len(shape) == 3 and key.endswith("decoder.layers.self_attention.linear_proj.weight"):
+            found["num_layers"] = shape[0]
+        elif len(shape) == 3 and key.endswith("decoder.layers.mlp.linear_fc2.weight"):
+            found["ffn_hidden_size"] = shape[-1]
+        elif len(shape) == 3 and key.endswith("decoder.layers.self_attention.linear_qkv.weight"):
+            found["qkv_rows"] = shape[1]
+    return found
 
 
 def check_optimizer(checker: ConfigChecker, optim_key: str) -> None:
@@ -152,6 +207,22 @@ def check_optimizer(checker: ConfigChecker, optim_key: str) -> None:
     checker.number(f"{optim_key}.lr", minimum=0)
     checker.number(f"{optim_key}.weight_decay", minimum=0, required=False)
     checker.choice(f"{optim_key}.sched.name", SCHEDULES, required=False)
+
+
+def check_resume_checkpoint(checker: ConfigChecker) -> None:
+    """The checkpoint a run would resume from is complete and safe, checked before any model is built."""
+    from nemo_aligner.checkpoint.trainer_checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+    from nemo_aligner.utils.exp_manager import resolve_log_dir
+
+    exp_cfg = checker.get("exp_manager")
+    if exp_cfg is None or not exp_cfg.get("resume_if_exists", True):
+        return
+    try:
+        existing = list_checkpoints(resolve_log_dir(exp_cfg) / "checkpoints")
+        if existing:
+            verify_checkpoint(existing[-1])
+    except CheckpointError as err:
+        checker.add("exp_manager.resume_if_exists", str(err))
 
 
 def clamp_lengths_to_context(cfg: DictConfig, keys: Iterable[str], context: int) -> None:

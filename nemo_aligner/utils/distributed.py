@@ -39,7 +39,9 @@ class RankInfo:
 
 
 def first_host_of_slurm_nodelist(nodelist: str) -> str:
-    """First host name of a compressed Slurm node list, e.g. ``"gpu[003-007,010],cpu1" -> "gpu003"``."""
+    """First host name of a compressed Slurm node list, e.g. ``"gpu[003-007,010],cpu1" -> "gpu003"`` (the list may
+    also be separated by spaces)."""
+    nodelist = (nodelist.split() or [nodelist])[0]
     first = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
     match = re.match(r"^([^\[,]+)(?:\[([^\]]+)\])?", first)
     if match is None:
@@ -72,9 +74,14 @@ def resolve_rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        if not 0 <= rank < world_size:
+            raise ValueError(
+                f"SLURM_PROCID={rank} is outside SLURM_NTASKS={world_size}: start one task per GPU with srun"
+            )
         return RankInfo(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
+            rank=rank,
+            world_size=world_size,
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or (first_host_of_slurm_nodelist(nodelist) if nodelist else "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT") or _slurm_port(env.get("SLURM_JOB_ID", ""))),

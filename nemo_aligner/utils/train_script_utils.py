@@ -20,9 +20,11 @@ from nemo_aligner.utils.config import register_resolvers
 from nemo_aligner.utils.config_validation import (
     ConfigChecker,
     check_batch_sizes,
+    check_checkpoint_architecture,
     check_loop,
     check_model_parallel,
     check_optimizer,
+    check_resume_checkpoint,
     clamp_lengths_to_context,
 )
 from nemo_aligner.utils.distributed import RankInfo, initialize_distributed
@@ -147,6 +149,9 @@ def validate_common(checker: ConfigChecker, loop: str, world_size: int) -> int:
     restore = checker.get("model.restore_from_path") or checker.get("pretrained_checkpoint.restore_from_path")
     if restore and not Path(restore).exists():
         checker.add("restore_from_path", f"checkpoint not found: {restore}")
+    elif restore:
+        check_checkpoint_architecture(checker, "model", restore)
+    check_resume_checkpoint(checker)
     max_time = checker.get("exp_manager.max_time_per_run")
     if max_time is not None:
         try:

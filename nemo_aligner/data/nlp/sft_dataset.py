@@ -192,6 +192,9 @@ class PromptTemplate:
                 problems.append((key, f"missing key (prompt_template {self.template!r} uses it)"))
             elif not isinstance(data[key], str):
                 problems.append((key, type_problem(data[key], "a string")))
+            elif key == self.label_key and not data[key].strip() and not self.eos_ids:
+                # With EOS an empty answer teaches "stop here"; without it only the template's spaces are left.
+                problems.append((key, "is empty and add_eos is false: the sample has nothing to learn"))
         return problems
 
     def render(self, data: Mapping[str, Any]) -> tuple[str, str]:
