@@ -28,6 +28,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "test": ["pytest>=8", "ruff==0.17.6", "wandb"],
     "wandb": ["wandb"],
+    # benchmarks/: the peers we measure against (TRL's DPOTrainer, Hugging Face generate).
+    "bench": ["trl>=1.16", "datasets", "accelerate"],
     # GPU accelerators: used when importable, never required.
     "gpu": ["transformer-engine[pytorch]"],
 }

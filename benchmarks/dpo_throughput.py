@@ -12,10 +12,17 @@ at 1.0 and beta 0.1, for 1 and for 3 epochs. No validation and no checkpoints on
 Arms (each run in its own process): ``ours`` (the entry script ``main(cfg)``, reference log-probs precomputed
 before training, its default), ``trl_default`` (a reference-model forward every step, TRL's default),
 ``trl_precompute`` (``precompute_ref_log_probs=True``). TRL 1.16's ``padding_free=True`` is disabled by TRL itself
-("temporarily unavailable after a refactor"), so it is not an arm.
+("temporarily unavailable after a refactor"), so it is not an arm. The reference strategies of nemo_aligner
+(``--arms ours ours_cpu_weight_swap ours_lora``): precomputed (``ours``), reference weights kept on the CPU and
+swapped in for a reference forward every step, and LoRA (rank 8 on the fused QKV; the reference is the base model
+with the adapters switched off, precomputed). ``ours_local_attention`` is ``ours`` with megatron-core's own
+``DotProductAttention`` instead of the fused one (``nemo_aligner/models/nlp/gpt/attention.py``): the before/after
+of that optimization in the same run.
 
 Throughput = real tokens (prompt + response + EOS, of chosen and of rejected, no padding) x epochs / (reference
-pass + training loop wall time); model loading and tokenization are excluded on both sides. Peak RSS is the
+pass + training loop wall time); model loading and tokenization are excluded on both sides. ``tokens_per_cpu_s``
+divides by the process's CPU time over the same sections instead (one torch thread per run, so on a shared,
+loaded machine this is the steadier number). Peak RSS is the
 process's ``ru_maxrss`` (imports included: that is the process a user runs); ``rss_before_train_mb`` is the RSS
 once the model is loaded and data tokenized, so the difference is what training adds.
 """
@@ -26,7 +33,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +53,13 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 
-ARMS = ("ours", "trl_default", "trl_precompute")
+ARMS = ("ours", "trl_default", "trl_precompute", "ours_local_attention", "ours_cpu_weight_swap", "ours_lora")
+OUR_VARIANTS = {
+    "ours": [],
+    "ours_local_attention": [],
+    "ours_cpu_weight_swap": ["model.dpo.reference=cpu_weight_swap"],
+    "ours_lora": ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=8"],
+}
 LR, BETA, SEED = 1e-5, 0.1, 1234
 
 
@@ -66,6 +78,12 @@ def run_ours(args: dict[str, Any]) -> dict[str, Any]:
     from nemo_aligner.algorithms import dpo
     from nemo_aligner.utils.config import compose_config
 
+    if args["arm"] == "ours_local_attention":
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        from nemo_aligner.models.nlp.gpt import model_config
+
+        model_config.SDPADotProductAttention = DotProductAttention  # the spec before the fused attention
     watch = Stopwatch()
     rss = {}
     original_compute = dpo.compute_reference_logprobs
@@ -106,11 +124,14 @@ def run_ours(args: dict[str, Any]) -> dict[str, Any]:
             f"trainer.dpo.max_epochs={args['epochs']}",
             "trainer.dpo.limit_val_batches=0",
             "trainer.dpo.gradient_clip_val=1.0",
+            *OUR_VARIANTS[args["arm"]],
             *args.get("overrides", []),
         ]
         train_gpt_dpo.main(compose_config(Path(train_gpt_dpo.__file__).parent / "conf", "gpt_dpo", overrides))
-    reference_s = watch.seconds.get("reference_0", 0.0)  # the training set's pass (the second is validation's)
-    return result_row(sizes["tokens"], reference_s, watch.seconds["train"], rss.get("before", current_rss_mb()))
+    # reference_0 is the training set's pass (reference_1 validation's, not counted); none without precomputation.
+    seconds = {k: watch.seconds.get(f"{k}_0" if k == "reference" else k, 0.0) for k in ("reference", "train")}
+    cpu = {k: watch.cpu_seconds.get(f"{k}_0" if k == "reference" else k, 0.0) for k in ("reference", "train")}
+    return result_row(sizes["tokens"], seconds, cpu, rss.get("before", current_rss_mb()))
 
 
 def run_trl(args: dict[str, Any], precompute: bool) -> dict[str, Any]:
@@ -155,30 +176,29 @@ def run_trl(args: dict[str, Any], precompute: bool) -> dict[str, Any]:
         )
         trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
         before = current_rss_mb()
-        start = time.perf_counter()
-        trainer.train()
-        train_s = time.perf_counter() - start
+        watch.wrap("train", trainer.train)()
     tokens = sum(
         2 * len(x["prompt_ids"]) + len(x["chosen_ids"]) + len(x["rejected_ids"]) for x in trainer.train_dataset
     )
     tokens = tokens * args["epochs"] * (len(rows) // args["batch"]) * args["batch"] // len(rows)
-    return result_row(tokens, watch.seconds.get("reference", 0.0), train_s, before)
+    seconds = {k: watch.seconds.get(k, 0.0) for k in ("reference", "train")}
+    return result_row(tokens, seconds, {k: watch.cpu_seconds.get(k, 0.0) for k in seconds}, before)
 
 
-def result_row(tokens: int, reference_s: float, train_s: float, rss_before: float) -> dict[str, Any]:
-    total = reference_s + train_s
+def result_row(tokens: int, seconds: dict[str, float], cpu: dict[str, float], rss_before: float) -> dict[str, Any]:
     return {
         "tokens": tokens,
-        "reference_s": round(reference_s, 3),
-        "train_s": round(train_s, 3),
-        "tokens_per_s": tokens / total,
+        "reference_s": round(seconds["reference"], 3),
+        "train_s": round(seconds["train"], 3),
+        "tokens_per_s": tokens / sum(seconds.values()),
+        "tokens_per_cpu_s": tokens / sum(cpu.values()),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_before_train_mb": round(rss_before, 1),
     }
 
 
 def worker(args: dict[str, Any]) -> None:
-    row = run_ours(args) if args["arm"] == "ours" else run_trl(args, precompute=args["arm"] == "trl_precompute")
+    row = run_ours(args) if args["arm"] in OUR_VARIANTS else run_trl(args, precompute=args["arm"] == "trl_precompute")
     print(json.dumps(row))
 
 
@@ -191,7 +211,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS[:3]), choices=ARMS)
     parser.add_argument("--ours_overrides", nargs="*", default=[], help="extra Hydra overrides for our arm")
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "nemo_aligner_bench"))
     parser.add_argument("--out")
@@ -222,9 +242,10 @@ def main() -> None:
         ratios = {}
         if "ours" in cli.arms:
             for other in (a for a in cli.arms if a != "ours"):
-                ratios[f"tokens_per_s ours/{other}"] = f"ours/{other}:tokens_per_s"
-                ratios[f"peak_rss ours/{other}"] = f"ours/{other}:peak_rss_mb"
-        keys = ("tokens", "reference_s", "train_s", "tokens_per_s", "peak_rss_mb", "rss_before_train_mb")
+                for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb"):
+                    ratios[f"{key} ours/{other}"] = f"ours/{other}:{key}"
+        keys = ("tokens", "reference_s", "train_s", "tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")
+        keys += ("rss_before_train_mb",)
         result["by_epochs"][str(epochs)] = {"rounds": rounds, **summarize(rounds, keys, ratios)}
     write_json(result, cli.out)
 
