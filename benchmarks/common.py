@@ -67,13 +67,19 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     return lines[:limit] if limit else lines
 
 
-def build_char_tokenizer(texts: Sequence[str]):
-    """A character-level ``PreTrainedTokenizerFast``: special tokens first, then every character of ``texts``."""
+def build_char_tokenizer(texts: Sequence[str], vocab_size: int):
+    """A character-level ``PreTrainedTokenizerFast``: special tokens, every character of ``texts``, then unused
+    tokens up to ``vocab_size`` (so the model has no padded vocabulary rows, which our generation masks out and
+    Hugging Face's does not)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted({c for text in texts for c in text})
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)} | {c: len(SPECIAL_TOKENS) + i for i, c in enumerate(chars)}
+    tokens = SPECIAL_TOKENS + chars
+    if len(tokens) > vocab_size:
+        raise ValueError(f"the data has {len(tokens)} distinct tokens, more than the model's {vocab_size}")
+    tokens += [f"<unused_{i}>" for i in range(vocab_size - len(tokens))]
+    vocab = {token: i for i, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tokenizer = PreTrainedTokenizerFast(
@@ -92,14 +98,15 @@ def build_models(out_dir: Path, shape_name: str, seed: int = 0) -> tuple[Path, P
     from transformers import LlamaConfig, LlamaForCausalLM
 
     texts = [r[k] for name in ("dpo_train.jsonl", "sft_train.jsonl") for r in read_jsonl(EMBEDDED / name) for k in r]
-    tokenizer = build_char_tokenizer([t for t in texts if isinstance(t, str)])
     shape = SHAPES[shape_name]
-    if len(tokenizer) > shape.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} ids, more than the model's {shape.vocab_size}")
+    tokenizer = build_char_tokenizer([t for t in texts if isinstance(t, str)], shape.vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
         **shape.__dict__,
         rms_norm_eps=1e-5,
+        # Larger than the usual 0.02 so that logits are peaked: greedy decoding then has no near-ties, and the
+        # generation benchmark can check that ours and HF's continuations are identical.
+        initializer_range=0.2,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
