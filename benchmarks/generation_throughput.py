@@ -56,11 +56,13 @@ def prompts_of_length(tokenizer, count: int, length: int) -> list[list[int]]:
 
 
 def no_cache_greedy(model, prompts, new_tokens: int):
+    """Greedy decoding by a full forward per new token; EOS is excluded, as ``min_length`` does in the others."""
     import torch
 
     tokens = torch.tensor(prompts)
     for _ in range(new_tokens):
         logits = model(tokens)[:, -1]
+        logits[:, model.tokenizer.eos_id] = float("-inf")
         tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
     return tokens[:, len(prompts[0]) :].tolist()
 
