@@ -32,7 +32,7 @@ SFT_STEPS = 150
 JUDGE_STEPS = 80  # the judge-capable model of the Self-Rewarding tests
 
 
-def run_phases(script: str, config_name: str, model: Path, iterations: int) -> list[dict[str, float]]:
+def run_phases(script: str, config_name: str, loop: str, model: Path, iterations: int) -> list[dict[str, float]]:
     """Per iteration, the ``timers/*`` metrics the trainer logged."""
     import importlib
 
@@ -57,8 +57,8 @@ def run_phases(script: str, config_name: str, model: Path, iterations: int) -> l
             overrides = [
                 f"exp_manager.explicit_log_dir={log_dir}",
                 f"pretrained_checkpoint.restore_from_path={model}",
-                f"trainer.spin.max_iterations={iterations}",
-                "trainer.spin.limit_val_batches=0",
+                f"trainer.{loop}.max_iterations={iterations}",
+                f"trainer.{loop}.limit_val_batches=0",
                 "exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false",
             ]
             main(compose_config(conf, config_name, overrides))
@@ -87,10 +87,10 @@ def main() -> None:
         "machine": machine_info(cli.threads),
     }
     spin_model = build_tiny_base_model(steps=SFT_STEPS, cache_dir=cache)
-    result["spin"] = run_phases("train_gpt_spin", "gpt_spin_tiny", spin_model, cli.iterations)
+    result["spin"] = run_phases("train_gpt_spin", "gpt_spin_tiny", "spin", spin_model, cli.iterations)
     judge_model = build_tiny_base_model(steps=JUDGE_STEPS, cache_dir=cache, with_judge=True)
     result["self_rewarding"] = run_phases(
-        "train_gpt_self_rewarding", "gpt_self_rewarding_tiny", judge_model, cli.iterations
+        "train_gpt_self_rewarding", "gpt_self_rewarding_tiny", "self_rewarding", judge_model, cli.iterations
     )
     write_json(result, cli.out)
 
