@@ -29,6 +29,8 @@ EXTRAS = {
     "test": ["pytest>=8", "ruff==0.17.6", "wandb", "matplotlib"],
     "wandb": ["wandb"],
     "plot": ["matplotlib"],  # scripts/plot_metrics.py
+    # benchmarks/: the peers we measure against (TRL's DPOTrainer, Hugging Face generate).
+    "bench": ["trl>=1.16", "datasets", "accelerate"],
     # GPU accelerators: used when importable, never required.
     "gpu": ["transformer-engine[pytorch]"],
 }

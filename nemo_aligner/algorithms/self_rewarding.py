@@ -71,6 +71,7 @@ from nemo_aligner.judges.meta import ELO_BASE, ELO_SCALE
 from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import _torch_optimizer_states
 from nemo_aligner.utils.distributed import all_gather_data_parallel
 from nemo_aligner.utils.kill_points import kill_point
+from nemo_aligner.utils.timers import PhaseTimers
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +125,16 @@ class JudgedRollout:
     ``tokenizer``; ``context_length`` bounds judge prompts (minus the judgement's ``max_length``).
     """
 
-    def __init__(self, model, spin_cfg: Mapping[str, Any], chat_prompt_tokens: Mapping[str, str], context_length: int):
+    def __init__(
+        self,
+        model,
+        spin_cfg: Mapping[str, Any],
+        chat_prompt_tokens: Mapping[str, str],
+        context_length: int,
+        timers: PhaseTimers | None = None,
+    ):
         self.model = model
+        self.timers = timers or PhaseTimers()  # judging_s: judge and meta-judge generations and parsing
         self.tokenizer = model.tokenizer
         self.cfg = JudgeConfig.from_config(spin_cfg)
         get = spin_cfg.get
@@ -169,9 +178,10 @@ class JudgedRollout:
             for n, i in enumerate(chunk):
                 part = slice(n * cfg.num_responses, (n + 1) * cfg.num_responses)
                 records[i] = {"responses": responses[part], "ended": ended[part]}
-            self._judge_responses(chunk, items, records, iteration, seed)
-            if cfg.use_meta_judge and cfg.meta_judge_pcnt > 0:
-                self._meta_judge(chunk, records, iteration, seed)
+            with self.timers("judging"):
+                self._judge_responses(chunk, items, records, iteration, seed)
+                if cfg.use_meta_judge and cfg.meta_judge_pcnt > 0:
+                    self._meta_judge(chunk, records, iteration, seed)
             kill_point("rollout")
         return records
 
@@ -461,7 +471,8 @@ class SelfRewardingTrainer(SPINTrainer):
         else:
             dp_rank = parallel_state.get_data_parallel_rank()
             dp_size = parallel_state.get_data_parallel_world_size()
-            judged = JudgedRollout(self.model, spin, self.chat_prompt_tokens, int(self.model.cfg.encoder_seq_length))
+            context = int(self.model.cfg.encoder_seq_length)
+            judged = JudgedRollout(self.model, spin, self.chat_prompt_tokens, context, timers=self.timers)
             mine = {i: prompts[i] for i in indices[dp_rank::dp_size]}
             records = _gather_dicts(judged.judge(mine, self.iteration, self.seed, int(spin.rollout_micro_batch_size)))
             rho = length_control_for_iteration(self.length_control, self.iteration, self.max_iterations)

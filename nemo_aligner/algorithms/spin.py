@@ -38,6 +38,7 @@ from nemo_aligner.data.nlp.samplers import FILLER_INDEX, GlobalBatchSampler
 from nemo_aligner.utils.distributed import all_gather_data_parallel, is_global_rank_zero
 from nemo_aligner.utils.exp_manager import PreemptionHandler
 from nemo_aligner.utils.kill_points import kill_point
+from nemo_aligner.utils.timers import PhaseTimers
 from nemo_aligner.utils.utils import retrieve_model_state_dict_in_cpu
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class SPINTrainer(BaseTrainer):
         self.base_sampler_seed = self.train_dataloader.batch_sampler.seed
         self.reference: ReferenceLogprobs | None = None
         self.rollout_stats: dict[str, float] = {}
+        self.timers = PhaseTimers()
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -147,7 +149,9 @@ class SPINTrainer(BaseTrainer):
             while self.iteration < self.max_iterations and self.step < self.max_steps:
                 self.start_iteration()
                 iteration_end = min((self.iteration + 1) * self.steps_per_iteration, self.max_steps)
-                if self.train_until(iteration_end, progress, preemption):
+                stop = self.train_until(iteration_end, progress, preemption)
+                self.log(self.timers.pop_metrics(), self.metric_prefix_train)
+                if stop:
                     break
                 self.finish_iteration()
         self.model.finish_training()
@@ -164,7 +168,8 @@ class SPINTrainer(BaseTrainer):
             rollout = torch.load(path, map_location="cpu", weights_only=True)
             logger.info("Iteration %d: reusing the persisted rollout %s", self.iteration, path)
         else:
-            rollout = self.run_rollout()
+            with self.timers("rollout"):
+                rollout = self.run_rollout()
             if path is not None and is_global_rank_zero():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(rollout, path.with_suffix(".tmp"))
@@ -231,7 +236,8 @@ class SPINTrainer(BaseTrainer):
         """Reference log-probs of every pair the rollout built (precomputed strategy); back to training mode."""
         self.use_rollout(rollout, with_reference=False)
         if self.model.reference_strategy == "precomputed":
-            table = compute_reference_logprobs(self.model, self._scoring_batches())
+            with self.timers("reference"):
+                table = compute_reference_logprobs(self.model, self._scoring_batches())
             rollout["reference"] = {
                 "sample_index": table.sample_index,
                 "chosen": table.chosen,
@@ -310,7 +316,8 @@ class SPINTrainer(BaseTrainer):
         return batch
 
     def train_single_step(self, batch: dict) -> dict[str, float]:
-        metrics = super().train_single_step(batch)
+        with self.timers("train"):
+            metrics = super().train_single_step(batch)
         valid = all_gather_data_parallel(batch["valid"]) > 0  # the global batch, not this rank's share
         generated = all_gather_data_parallel(batch["rejected_lengths"] - batch["prompt_lengths"])[valid].float()
         metrics["avg_generated_lengths"] = float(generated.mean()) if generated.numel() else 0.0

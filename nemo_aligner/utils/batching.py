@@ -41,3 +41,39 @@ def reduce_metric_sums(per_micro_batch: Iterable[Mapping[str, torch.Tensor]], ke
             last = parallel_state.get_pipeline_model_parallel_last_rank()
             dist.broadcast(totals, src=last, group=parallel_state.get_pipeline_model_parallel_group())
     return dict(zip(keys, totals.cpu().tolist()))
+
+
+def length_bucketed_micro_batches(
+    batch: Mapping[str, torch.Tensor],
+    micro_batch_size: int,
+    lengths: torch.Tensor,
+    sequence_keys: Iterable[str],
+    multiple_of: int | None = None,
+) -> tuple[list[dict], torch.Tensor]:
+    """Micro batches of samples of similar length, each trimmed to its own longest sample; and the sample order.
+
+    A collated batch is padded to its longest sample, so every micro batch would compute on that width. Sorting
+    this rank's samples by ``lengths`` (stable) before cutting puts short samples together, and each micro
+    batch's ``sequence_keys`` tensors (``[samples, S]``, right-padded) are cut to its longest sample (rounded up to
+    ``multiple_of``, the data's ``pad_length_to_multiple_of``): no compute on columns that are padding for all
+    its rows. Per-sample results are those of the unsorted batch (causal
+    attention: real tokens never see right padding); sums over micro batches only change summation order.
+    ``order[k]`` is the original index of sorted sample ``k`` (to put per-sample outputs back in place).
+
+    Under pipeline parallelism the stages exchange activations of one fixed shape, so micro batches keep the full
+    width there (they are still sorted).
+    """
+    order = torch.sort(lengths, stable=True).indices
+    sorted_batch = {k: (v[order] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    micro_batches = split_into_micro_batches(sorted_batch, micro_batch_size)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        return micro_batches, order
+    keys = list(sequence_keys)
+    full_width = batch[keys[0]].shape[1]
+    for micro_batch, micro_lengths in zip(micro_batches, lengths[order].split(micro_batch_size)):
+        width = int(micro_lengths.max())
+        if multiple_of:
+            width = min(-(-width // multiple_of) * multiple_of, full_width)
+        for key in keys:
+            micro_batch[key] = micro_batch[key][:, :width]
+    return micro_batches, order

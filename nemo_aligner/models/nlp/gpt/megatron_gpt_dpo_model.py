@@ -22,7 +22,7 @@ from nemo_aligner.losses.preference import (
 )
 from nemo_aligner.models.alignable_interface import SupervisedInterface
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, causal_attention_mask
-from nemo_aligner.utils.batching import reduce_metric_sums, split_into_micro_batches
+from nemo_aligner.utils.batching import length_bucketed_micro_batches, reduce_metric_sums
 from nemo_aligner.utils.distributed import broadcast_from_last_pipeline_stage
 from nemo_aligner.utils.logprobs import shifted_logprobs
 from nemo_aligner.utils.utils import cpu_weight_swap
@@ -103,7 +103,7 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         """
         was_training = self.training
         self.eval()
-        micro_batches = split_into_micro_batches(_pair_tensors(batch), self.log_prob_micro_batch_size)
+        micro_batches, order = self._bucketed_pairs(batch, self.log_prob_micro_batch_size)
 
         def forward_step(chunk, micro_batch):
             tokens, mask = concat_pairs(micro_batch)
@@ -131,7 +131,19 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
             half = part.shape[0] // 2
             chosen.append(part[:half])
             rejected.append(part[half:])
-        return torch.cat(chosen), torch.cat(rejected)
+        return _unsort(torch.cat(chosen), order), _unsort(torch.cat(rejected), order)
+
+    def _bucketed_pairs(self, batch: dict, micro_batch_size: int) -> tuple[list[dict], torch.Tensor]:
+        """Micro batches of pairs of similar length, trimmed to their longest sequence (see
+        :func:`length_bucketed_micro_batches`); a pair's length is one past its last response token (fillers: 1).
+        The policy and reference passes cut the same micro batches, so a frozen policy still gives identical values.
+        """
+        pairs = _pair_tensors(batch)
+        response = torch.maximum(pairs["chosen_mask"], pairs["rejected_mask"])
+        lengths = (response * torch.arange(1, response.shape[1] + 1)).amax(dim=1).long().clamp(min=1)
+        keys = ("chosen", "rejected", "chosen_mask", "rejected_mask")
+        multiple_of = (self.cfg.get("data") or {}).get("pad_length_to_multiple_of")
+        return length_bucketed_micro_batches(pairs, micro_batch_size, lengths, keys, multiple_of)
 
     # ------------------------------------------------------------------ loss
     def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
@@ -139,7 +151,7 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
             ref_chosen, ref_rejected = self.get_ref_policy_logprob_sums(batch)
             batch = {**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
         micro_batch_size = self.cfg.micro_batch_size
-        micro_batches = split_into_micro_batches(_pair_tensors(batch), micro_batch_size)
+        micro_batches, _ = self._bucketed_pairs(batch, micro_batch_size)
         outputs = self.forward_backward(
             micro_batches,
             num_microbatches=len(micro_batches),
@@ -207,3 +219,9 @@ _PAIR_KEYS = (
 def _pair_tensors(batch: dict) -> dict:
     """The per-pair tensors of a batch (what the forward steps read)."""
     return {k: batch[k] for k in _PAIR_KEYS if k in batch}
+
+
+def _unsort(values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(values)
+    out[order] = values
+    return out

@@ -17,6 +17,7 @@ from megatron.core.activations import squared_relu
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnBackend
 
+from nemo_aligner.models.nlp.gpt.attention import SDPADotProductAttention
 from nemo_aligner.models.nlp.gpt.norms import Norm
 from nemo_aligner.utils import mcore_compat
 
@@ -131,12 +132,14 @@ def layer_spec(cfg: Mapping[str, Any], config: TransformerConfig):
     """The transformer-block spec: TransformerEngine's on request (and when importable), else the local one.
 
     The local spec is megatron-core's with its norms replaced by :class:`Norm` (zero-centred gamma and sequence
-    parallelism work without apex or TE).
+    parallelism work without apex or TE) and its core attention by PyTorch's fused attention where exact
+    (:class:`SDPADotProductAttention`).
     """
     if _use_te(cfg):
         return mcore_compat.te_layer_spec()
     spec = copy.deepcopy(mcore_compat.get_gpt_layer_local_spec())
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
+    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     num_layers = mcore_compat.get_num_layers_to_build(config)
     return mcore_compat.TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=Norm)

@@ -1,0 +1,153 @@
+"""Generation throughput (new tokens/s): our KV-cached ``model.generate`` vs Hugging Face ``generate`` vs no cache.
+
+    python benchmarks/generation_throughput.py --out benchmarks/results/generation_tiny.json
+    python benchmarks/generation_throughput.py --model 58m --out benchmarks/results/generation_58m.json
+
+Same converted weights on both sides (``benchmarks/common.py``), greedy decoding of exactly ``--new_tokens``
+tokens (no early stop) after prompts of ``--prompt_length`` tokens (the start of embedded DPO prompts, all the
+same length so the no-cache loop needs no padding), at batch 1 and batch 32, fp32, in one process (no memory is
+measured here), with the arms interleaved and the order rotated every round. Arms:
+
+* ``ours``: ``MegatronGPTModel.generate`` (megatron-core static KV cache, ``nemo_aligner/generation``);
+* ``hf``: ``LlamaForCausalLM.generate(do_sample=False, use_cache=True)``;
+* ``ours_no_cache``: the same model, a full forward over the whole sequence for every new token;
+* ``hf_no_cache``: ``generate(use_cache=False)``.
+
+The JSON also reports how many greedy continuations are identical between ours and HF (ties in float32 rounding
+may legitimately differ late in a sequence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import EMBEDDED, SHAPES, build_models, machine_info, read_jsonl, write_json  # noqa: E402
+
+GREEDY = {
+    "use_greedy": True,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "end_strings": [],
+    "add_BOS": False,
+    "all_probs": False,
+    "compute_logprob": False,
+}
+
+
+def prompts_of_length(tokenizer, count: int, length: int) -> list[list[int]]:
+    ids = []
+    for row in read_jsonl(EMBEDDED / "dpo_train.jsonl"):
+        tokens = tokenizer.text_to_ids(row["prompt"])
+        if len(tokens) >= length:
+            ids.append(tokens[:length])
+        if len(ids) == count:
+            return ids
+    raise ValueError(f"fewer than {count} embedded DPO prompts have {length} tokens")
+
+
+def no_cache_greedy(model, prompts, new_tokens: int):
+    """Greedy decoding by a full forward per new token; EOS is excluded, as ``min_length`` does in the others."""
+    import torch
+
+    tokens = torch.tensor(prompts)
+    for _ in range(new_tokens):
+        logits = model(tokens)[:, -1]
+        logits[:, model.tokenizer.eos_id] = float("-inf")
+        tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    return tokens[:, len(prompts[0]) :].tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--prompt_length", type=int, default=48)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "nemo_aligner_bench"))
+    parser.add_argument("--out")
+    cli = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+
+    torch.set_num_threads(cli.threads)
+    work = Path(cli.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    hf_dir, nemo_path = build_models(work, cli.model)
+    ours = MegatronGPTModel.restore_from(nemo_path).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    length = {"max_length": cli.new_tokens, "min_length": cli.new_tokens}
+
+    def run_hf(prompts, use_cache: bool):
+        out = hf.generate(
+            torch.tensor(prompts),
+            attention_mask=torch.ones(len(prompts), len(prompts[0]), dtype=torch.long),
+            max_new_tokens=cli.new_tokens,
+            min_new_tokens=cli.new_tokens,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=hf.config.pad_token_id,
+        )
+        return out[:, len(prompts[0]) :].tolist()
+
+    arms = {
+        "ours": lambda p: ours.generate(p, GREEDY, length).response_ids,
+        "hf": lambda p: run_hf(p, True),
+        "ours_no_cache": lambda p: no_cache_greedy(ours, p, cli.new_tokens),
+        "hf_no_cache": lambda p: run_hf(p, False),
+    }
+    result: dict[str, Any] = {
+        "benchmark": "generation_throughput",
+        "model": {"name": cli.model, **SHAPES[cli.model].__dict__, "parameters": SHAPES[cli.model].num_parameters()},
+        "settings": {k: v for k, v in vars(cli).items() if k not in ("out", "work_dir")},
+        "machine": machine_info(cli.threads),
+        "by_batch": {},
+    }
+    names = list(arms)
+    with torch.no_grad():
+        for batch in cli.batches:
+            prompts = prompts_of_length(ours.tokenizer, batch, cli.prompt_length)
+            outputs, times = {}, {name: [] for name in names}
+            for r in range(cli.rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    start = time.perf_counter()
+                    outputs[name] = arms[name](prompts)
+                    times[name].append(time.perf_counter() - start)
+                    print(f"batch {batch} round {r} {name}: {times[name][-1]:.3f}s", file=sys.stderr)
+            new = batch * cli.new_tokens
+            assert all(len(o) == cli.new_tokens for out in outputs.values() for o in out)
+            per_round = {
+                "ours/hf": [h / o for o, h in zip(times["ours"], times["hf"])],
+                "ours/ours_no_cache": [n / o for o, n in zip(times["ours"], times["ours_no_cache"])],
+                "hf/hf_no_cache": [n / o for o, n in zip(times["hf"], times["hf_no_cache"])],
+            }
+            result["by_batch"][str(batch)] = {
+                "new_tokens_per_s": {name: new / statistics.median(t) for name, t in times.items()},
+                "seconds_per_round": times,
+                "speedup_median": {k: statistics.median(v) for k, v in per_round.items()},
+                "speedup_per_round": per_round,
+                "identical_continuations": {
+                    "ours_vs_hf": sum(a == b for a, b in zip(outputs["ours"], outputs["hf"])) / batch,
+                    "ours_vs_ours_no_cache": sum(a == b for a, b in zip(outputs["ours"], outputs["ours_no_cache"]))
+                    / batch,
+                },
+            }
+    write_json(result, cli.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Wall time per phase of an iteration (rollout, judging, reference scoring, training), logged as ``timers/*_s``."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+
+class PhaseTimers:
+    """Accumulates wall seconds per named phase until :meth:`pop_metrics` hands them to the logger.
+
+    Phases may nest (SPIN's ``rollout_s`` includes its ``reference_s``; Self-Rewarding's also ``judging_s``), so
+    each number answers "how long did this take", and the docs say which ones contain which.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def pop_metrics(self) -> dict[str, float]:
+        """``{"timers/<phase>_s": seconds}`` accumulated since the last call; resets the counters."""
+        metrics = {f"timers/{phase}_s": seconds for phase, seconds in self.seconds.items()}
+        self.seconds.clear()
+        return metrics
