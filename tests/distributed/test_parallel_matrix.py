@@ -257,7 +257,8 @@ def outcome(log_dir: Path) -> dict:
     metrics: dict[int, dict[str, float]] = {}
     for row in rows:
         for key, value in row.items():
-            if key.startswith("train/") and value not in ("", None):
+            # Every training metric except the wall-clock phase timers (train/timers/*_s), which no two runs share.
+            if key.startswith("train/") and "timers/" not in key and value not in ("", None):
                 metrics.setdefault(int(row["step"]), {})[key] = float(value)
     return {"weights": weights, "metrics": metrics}
 

@@ -100,7 +100,7 @@ def test_command_splitting_joins_continuations_and_drops_comments():
     [
         (["install", "torch==2.0.0"], "CI installs torch"),
         (["install", "-e", ".[nonexistent]"], "no extra"),
-        (["install", "trl"], "not a dependency"),
+        (["install", "left-pad"], "not a dependency"),
     ],
 )
 def test_install_checks_catch_wrong_pins_extras_and_packages(args, problem):
