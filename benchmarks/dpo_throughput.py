@@ -15,9 +15,9 @@ before training, its default), ``trl_default`` (a reference-model forward every 
 ("temporarily unavailable after a refactor"), so it is not an arm. The reference strategies of nemo_aligner
 (``--arms ours ours_cpu_weight_swap ours_lora``): precomputed (``ours``), reference weights kept on the CPU and
 swapped in for a reference forward every step, and LoRA (rank 8 on the fused QKV; the reference is the base model
-with the adapters switched off, precomputed). ``ours_local_attention`` is ``ours`` with megatron-core's own
-``DotProductAttention`` instead of the fused one (``nemo_aligner/models/nlp/gpt/attention.py``): the before/after
-of that optimization in the same run.
+with the adapters switched off, precomputed). ``ours`` runs with ``model.local_core_attention=sdpa`` (PyTorch's fused
+attention, ``nemo_aligner/models/nlp/gpt/attention.py``); ``ours_local_attention`` with the default, megatron-core's
+own ``DotProductAttention``: the before/after of that optimization in the same run.
 
 Throughput = real tokens (prompt + response + EOS, of chosen and of rejected, no padding) x epochs / (reference
 pass + training loop wall time); model loading and tokenization are excluded on both sides. ``tokens_per_cpu_s``
@@ -55,7 +55,7 @@ from benchmarks.common import (  # noqa: E402
 
 ARMS = ("ours", "trl_default", "trl_precompute", "ours_local_attention", "ours_cpu_weight_swap", "ours_lora")
 OUR_VARIANTS = {
-    "ours": [],
+    "ours": ["++model.local_core_attention=sdpa"],
     "ours_local_attention": [],
     "ours_cpu_weight_swap": ["model.dpo.reference=cpu_weight_swap"],
     "ours_lora": ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=8"],
@@ -78,12 +78,6 @@ def run_ours(args: dict[str, Any]) -> dict[str, Any]:
     from nemo_aligner.algorithms import dpo
     from nemo_aligner.utils.config import compose_config
 
-    if args["arm"] == "ours_local_attention":
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-        from nemo_aligner.models.nlp.gpt import model_config
-
-        model_config.SDPADotProductAttention = DotProductAttention  # the spec before the fused attention
     watch = Stopwatch()
     rss = {}
     original_compute = dpo.compute_reference_logprobs

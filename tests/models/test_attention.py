@@ -23,12 +23,12 @@ def _core_attentions(model: MegatronGPTModel) -> list[torch.nn.Module]:
 @pytest.fixture(scope="module")
 def models() -> tuple[MegatronGPTModel, MegatronGPTModel]:
     """(fused, megatron's local) models with the same perturbed weights."""
-    fused, local = MegatronGPTModel(tiny_model_cfg()), MegatronGPTModel(tiny_model_cfg())
+    fused = MegatronGPTModel(tiny_model_cfg(local_core_attention="sdpa"))
+    local = MegatronGPTModel(tiny_model_cfg())
     perturb_(fused)
     local.load_state_dict(fused.state_dict())
-    for module in _core_attentions(local):
-        module.__class__ = DotProductAttention
     assert all(type(m) is SDPADotProductAttention for m in _core_attentions(fused))
+    assert all(type(m) is DotProductAttention for m in _core_attentions(local))  # the default
     return fused, local
 
 

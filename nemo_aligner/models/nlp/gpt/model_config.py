@@ -132,14 +132,20 @@ def layer_spec(cfg: Mapping[str, Any], config: TransformerConfig):
     """The transformer-block spec: TransformerEngine's on request (and when importable), else the local one.
 
     The local spec is megatron-core's with its norms replaced by :class:`Norm` (zero-centred gamma and sequence
-    parallelism work without apex or TE) and its core attention by PyTorch's fused attention where exact
-    (:class:`SDPADotProductAttention`).
+    parallelism work without apex or TE). ``model.local_core_attention: sdpa`` also replaces its core attention by
+    PyTorch's fused attention where exact (:class:`SDPADotProductAttention`: faster on CPU, equal within float
+    rounding); off by default because that rounding then differs between tensor-parallel layouts, so a run no
+    longer reproduces bit for bit at another layout (``docs/performance.md``).
     """
     if _use_te(cfg):
         return mcore_compat.te_layer_spec()
     spec = copy.deepcopy(mcore_compat.get_gpt_layer_local_spec())
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
-    spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    core_attention = cfg.get("local_core_attention") or "megatron"
+    if core_attention not in ("megatron", "sdpa"):
+        raise ValueError(f"model.local_core_attention: {core_attention!r} is not one of 'megatron', 'sdpa'")
+    if core_attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     num_layers = mcore_compat.get_num_layers_to_build(config)
     return mcore_compat.TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=Norm)
