@@ -30,18 +30,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import EMBEDDED, SHAPES, build_models, machine_info, read_jsonl, write_json  # noqa: E402
+from nemo_aligner.utils.evaluation import greedy_sampling_params  # noqa: E402
 
-GREEDY = {
-    "use_greedy": True,
-    "temperature": 1.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "repetition_penalty": 1.0,
-    "end_strings": [],
-    "add_BOS": False,
-    "all_probs": False,
-    "compute_logprob": False,
-}
+GREEDY = greedy_sampling_params(end_strings=())
 
 
 def prompts_of_length(tokenizer, count: int, length: int) -> list[list[int]]:

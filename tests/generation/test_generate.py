@@ -6,19 +6,10 @@ import pytest
 import torch
 
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+from nemo_aligner.utils.evaluation import greedy_sampling_params
 from tests.conftest import perturb_, tiny_model_cfg
 
-GREEDY = {
-    "use_greedy": True,
-    "temperature": 1.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "repetition_penalty": 1.0,
-    "end_strings": [],
-    "add_BOS": False,
-    "all_probs": False,
-    "compute_logprob": False,
-}
+GREEDY = greedy_sampling_params(end_strings=())
 SAMPLING = {**GREEDY, "use_greedy": False, "top_p": 0.9, "repetition_penalty": 1.2}
 # Byte-level vocabulary 512 plus one special token (id 512), padded to 640 for the embedding.
 SPECIAL_TOKENS = ["<extra_id_1>"]
