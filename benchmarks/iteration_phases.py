@@ -10,15 +10,21 @@ with its judge data) and collects the ``timers/*_s`` metrics the trainers log af
 * ``timers/rollout_s``: the whole rollout phase (policy generation, and for Self-Rewarding the judge; reference
   log-probs of the pairs included);
 * ``timers/judging_s``: judge and meta-judge generations and score parsing (Self-Rewarding; inside rollout_s);
-* ``timers/reference_s``: the reference log-prob forward over every pair (inside rollout_s);
-* ``timers/train_s``: the iteration's optimizer steps.
+* ``timers/reference_s``: the reference log-prob forward over the pairs (inside rollout_s);
+* ``timers/train_s``: the iteration's optimizer steps;
+* ``reference_forward_tokens``: token positions (padding included) the reference pass ran through the model.
 
 Generation alone is ``rollout_s - judging_s - reference_s``; the JSON reports it as ``generation_s``.
+
+SPIN runs in two arms, ``--rounds`` times, interleaved: ``spin`` (the default: the generated responses' reference
+log-probs come from generation, only the ground truth is forwarded) and ``spin_reference_forward``
+(``model.spin.reference_from_generation=false``: both sides forwarded). ``spin_median`` holds each arm's medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -32,24 +38,38 @@ SFT_STEPS = 150
 JUDGE_STEPS = 80  # the judge-capable model of the Self-Rewarding tests
 
 
-def run_phases(script: str, config_name: str, loop: str, model: Path, iterations: int) -> list[dict[str, float]]:
+def run_phases(
+    script: str, config_name: str, loop: str, model: Path, iterations: int, *extra: str
+) -> list[dict[str, float]]:
     """Per iteration, the ``timers/*`` metrics the trainer logged."""
     import importlib
 
+    import torch
+
     from nemo_aligner.algorithms.base import BaseTrainer
+    from nemo_aligner.models.nlp.gpt import megatron_gpt_dpo_model
     from nemo_aligner.utils.config import compose_config
 
     logged: list[dict[str, float]] = []
-    original_log = BaseTrainer.log
+    original_log, original_forward = BaseTrainer.log, megatron_gpt_dpo_model._forward
+    reference_tokens = [0]
 
     def capture(self, metrics, prefix):
         timers = {k.removeprefix("timers/"): v for k, v in metrics.items() if k.startswith("timers/")}
         if timers:
             timers["generation_s"] = timers["rollout_s"] - timers.get("judging_s", 0.0) - timers.get("reference_s", 0)
             logged.append({k: round(v, 3) for k, v in timers.items()})
+            logged[-1]["reference_forward_tokens"] = reference_tokens[0]  # padding included: what was computed
+            reference_tokens[0] = 0
         return original_log(self, metrics, prefix)
 
+    def counting_forward(chunk, tokens):
+        if not torch.is_grad_enabled():  # reference scoring; training forwards need gradients
+            reference_tokens[0] += tokens.numel()
+        return original_forward(chunk, tokens)
+
     BaseTrainer.log = capture
+    megatron_gpt_dpo_model._forward = counting_forward
     try:
         main = importlib.import_module(f"examples.nlp.gpt.{script}").main
         conf = Path(__file__).resolve().parents[1] / "examples" / "nlp" / "gpt" / "conf"
@@ -60,10 +80,11 @@ def run_phases(script: str, config_name: str, loop: str, model: Path, iterations
                 f"trainer.{loop}.max_iterations={iterations}",
                 f"trainer.{loop}.limit_val_batches=0",
                 "exp_manager.checkpoint_callback_params.save_nemo_on_train_end=false",
+                *extra,
             ]
             main(compose_config(conf, config_name, overrides))
     finally:
-        BaseTrainer.log = original_log
+        BaseTrainer.log, megatron_gpt_dpo_model._forward = original_log, original_forward
     return logged
 
 
@@ -71,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the two SPIN arms")
     parser.add_argument("--cache_dir", default=str(Path(tempfile.gettempdir()) / "nemo_aligner_bench" / "tiny_models"))
     parser.add_argument("--out")
     cli = parser.parse_args()
@@ -87,7 +109,18 @@ def main() -> None:
         "machine": machine_info(cli.threads),
     }
     spin_model = build_tiny_base_model(steps=SFT_STEPS, cache_dir=cache)
-    result["spin"] = run_phases("train_gpt_spin", "gpt_spin_tiny", "spin", spin_model, cli.iterations)
+    arms = {"spin": [], "spin_reference_forward": ["model.spin.reference_from_generation=false"]}
+    result["spin_rounds"] = {arm: [] for arm in arms}
+    for _ in range(cli.rounds):
+        for arm, extra in arms.items():
+            phases = run_phases("train_gpt_spin", "gpt_spin_tiny", "spin", spin_model, cli.iterations, *extra)
+            result["spin_rounds"][arm].append(phases)
+    result["spin_median"] = {
+        arm: {
+            key: statistics.median(iteration[key] for phases in rounds for iteration in phases) for key in rounds[0][0]
+        }
+        for arm, rounds in result["spin_rounds"].items()
+    }
     judge_model = build_tiny_base_model(steps=JUDGE_STEPS, cache_dir=cache, with_judge=True)
     result["self_rewarding"] = run_phases(
         "train_gpt_self_rewarding", "gpt_self_rewarding_tiny", "self_rewarding", judge_model, cli.iterations

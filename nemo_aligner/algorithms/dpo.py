@@ -101,7 +101,16 @@ def compute_reference_logprobs(model, batches: Iterable[Mapping[str, Any]]) -> R
         chosen.append(c[keep].float())
         rejected.append(r[keep].float())
         kill_point("reference_logprobs")
-    local = (torch.cat(indices), torch.cat(chosen), torch.cat(rejected)) if indices else (torch.empty(0),) * 3
+    if not indices:
+        return gather_reference_logprobs(torch.empty(0), torch.empty(0), torch.empty(0))
+    return gather_reference_logprobs(torch.cat(indices), torch.cat(chosen), torch.cat(rejected))
+
+
+def gather_reference_logprobs(
+    sample_index: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor
+) -> ReferenceLogprobs:
+    """This rank's reference values joined with every other data-parallel rank's (a collective call)."""
+    local = (sample_index, chosen, rejected)
     if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
         gathered = [None] * parallel_state.get_data_parallel_world_size()
         dist.all_gather_object(

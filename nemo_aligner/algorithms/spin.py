@@ -5,8 +5,11 @@ Per iteration t (Chen et al. 2024, arXiv 2401.01335):
 1. **Rollout** with the iteration-start weights (= the reference of iteration t): generate one response for every
    prompt the iteration's steps will draw (KV cache, ``model.spin.sampling_params``/``length_params``, randomness
    keyed by (seed, iteration, sample index)), then take the reference log-probs of the ground-truth ("actual")
-   and generated responses with the same forward path as training. Everything is persisted under
-   ``<log_dir>/spin_rollouts/`` and reused across the iteration's epochs and on resume.
+   and generated responses. The generated responses' values come from generation itself
+   (``model.spin.reference_from_generation``, default): generation runs with the reference weights and records
+   each token's log-probability under the model's raw distribution, so only the ground truth needs a forward.
+   Everything is persisted under ``<log_dir>/spin_rollouts/`` and reused across the iteration's epochs and on
+   resume.
 2. **Train** ``trainer.spin.max_epochs`` epochs on (chosen = actual, rejected = generated) pairs with
    beta = ``ref_policy_kl_penalty[t]``.
 3. The policy becomes the next iteration's reference.
@@ -29,10 +32,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from nemo_aligner.algorithms.base import BaseTrainer
-from nemo_aligner.algorithms.dpo import ReferenceLogprobs, compute_reference_logprobs
+from nemo_aligner.algorithms.dpo import ReferenceLogprobs, compute_reference_logprobs, gather_reference_logprobs
 from nemo_aligner.data.nlp.dpo_dataset import DPOCollate, filler_pair_item
 from nemo_aligner.data.nlp.samplers import FILLER_INDEX, GlobalBatchSampler
 from nemo_aligner.utils.distributed import all_gather_data_parallel, is_global_rank_zero
@@ -214,30 +218,54 @@ class SPINTrainer(BaseTrainer):
         dp_size = parallel_state.get_data_parallel_world_size()
         mine = indices[dp_rank::dp_size]
         batch_size = int(spin.get("rollout_micro_batch_size", 32))
-        generated: dict[int, tuple[list[int], bool]] = {}
+        sampling_params = OmegaConf.to_container(spin.sampling_params, resolve=True)
+        sampling_params["compute_logprob"] = sampling_params["compute_logprob"] or self.reference_from_generation
+        generated: dict[int, tuple[list[int], bool, float]] = {}
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             prompts = [list(self.sft_dataset.prompt_and_answer(i)[0]) for i in chunk]
             seeds = [sample_seed(self.seed, self.iteration, i) for i in chunk]
-            output = self.model.generate(prompts, spin.sampling_params, spin.length_params, seeds)
-            for i, response, ended in zip(chunk, output.response_ids, output.ended):
-                generated[i] = ([int(t) for t in response], bool(ended))
+            output = self.model.generate(prompts, sampling_params, spin.length_params, seeds)
+            logprobs = output.logprobs or [torch.zeros(0)] * len(chunk)
+            for i, response, ended, lp in zip(chunk, output.response_ids, output.ended, logprobs):
+                generated[i] = ([int(t) for t in response], bool(ended), float(lp.sum()))
             kill_point("rollout")
         generated = _gather_dicts(generated)
         rollout = {"iteration": self.iteration, "indices": indices}
         rollout["generated"] = [generated[i][0] for i in indices]
         rollout["ended"] = [generated[i][1] for i in indices]
+        if self.reference_from_generation:
+            rollout["generated_logprob_sums"] = [generated[i][2] for i in indices]
         if self.cfg.get("mix_previous_generations", False) and self.iteration > 0 and self.rollout_dir:
             previous = torch.load(self.rollout_dir / f"iteration_{self.iteration - 1}.pt", weights_only=True)
             rollout["previous"] = {k: previous[k] for k in ("indices", "generated", "ended")}
         return self.finish_rollout(rollout)
+
+    @property
+    def reference_from_generation(self) -> bool:
+        """Whether the generated responses' reference log-probs are taken from generation (see the module doc).
+
+        Only where that is the same quantity: the precomputed strategy (the generating weights are the reference;
+        not with LoRA, whose reference is the base model) and no BOS added to generation prompts (training pairs
+        have none). The values equal a forward pass's up to float rounding (a KV-cached decode multiplies other
+        shapes), so ``false`` keeps the policy and reference of a step bit-identical at the start of an iteration.
+        """
+        return (
+            bool(self.model.spin_config.get("reference_from_generation", True))
+            and self.model.reference_strategy == "precomputed"
+            and getattr(self.model, "lora_adapters_disabled", None) is None
+            and not self.model.spin_config.sampling_params.get("add_BOS", False)
+        )
 
     def finish_rollout(self, rollout: dict[str, Any]) -> dict[str, Any]:
         """Reference log-probs of every pair the rollout built (precomputed strategy); back to training mode."""
         self.use_rollout(rollout, with_reference=False)
         if self.model.reference_strategy == "precomputed":
             with self.timers("reference"):
-                table = compute_reference_logprobs(self.model, self._scoring_batches())
+                if "generated_logprob_sums" in rollout:
+                    table = self._reference_with_generation_logprobs(rollout)
+                else:
+                    table = compute_reference_logprobs(self.model, self._scoring_batches())
             rollout["reference"] = {
                 "sample_index": table.sample_index,
                 "chosen": table.chosen,
@@ -246,6 +274,26 @@ class SPINTrainer(BaseTrainer):
         self.model.train()
         self.model.onload_adam_states()
         return rollout
+
+    def _reference_with_generation_logprobs(self, rollout: Mapping[str, Any]) -> ReferenceLogprobs:
+        """The rollout's reference table with one forward over ground-truth responses only: generated responses
+        take the log-prob sums generation recorded (previous-iteration generations, with
+        ``mix_previous_generations``, were generated by other weights and are scored here too)."""
+        dataset = self.train_dataloader.dataset
+        from_generation = dict(zip(rollout["indices"], rollout["generated_logprob_sums"]))
+        dp_size = parallel_state.get_data_parallel_world_size()
+        mine = sorted(dataset.generated)[parallel_state.get_data_parallel_rank() :: dp_size]
+        if not mine:
+            return gather_reference_logprobs(torch.empty(0), torch.empty(0), torch.empty(0))
+        batch = self.train_dataloader.collate_fn([dataset[i] for i in mine])
+        scored_rejected = torch.tensor([i not in from_generation for i in mine])
+        tokens = torch.cat([batch["chosen"], batch["rejected"][scored_rejected]])
+        mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"][scored_rejected]])
+        sums = self.model.get_sequence_logprob_sums(tokens, mask).float()
+        kill_point("reference_logprobs")
+        rejected = torch.tensor([from_generation.get(i, 0.0) for i in mine], dtype=torch.float32)
+        rejected[scored_rejected] = sums[len(mine) :]
+        return gather_reference_logprobs(batch["sample_index"], sums[: len(mine)], rejected)
 
     def _scoring_batches(self):
         """This rank's share of all generated pairs, in batches of ``log_prob_forward_micro_batch_size``."""

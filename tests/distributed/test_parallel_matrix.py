@@ -263,9 +263,16 @@ def outcome(log_dir: Path) -> dict:
     return {"weights": weights, "metrics": metrics}
 
 
-def deviations(a: dict, b: dict) -> dict[str, float]:
+# SPIN's first step of each iteration (steps 1 and 3) compares policy log-probs with reference values recorded by
+# generation (model.spin.reference_from_generation): equal up to rounding, so every reward is ~1e-6 and the
+# fraction of pairs with reward_actual > reward_generated (`acc`) is a coin flip per pair. The rewards themselves
+# are still compared.
+COIN_FLIPS = {"spin": {(1, "train/acc"), (3, "train/acc")}}
+
+
+def deviations(a: dict, b: dict, coin_flips: set[tuple[int, str]] = frozenset()) -> dict[str, float]:
     """Largest difference of the weights, and largest ``|a - b| / max(1, |b|)`` of the logged metrics (the gradient
-    norm apart); both runs must hold the same keys."""
+    norm apart; ``coin_flips``, (step, key) pairs, are not compared); both runs must hold the same keys."""
     assert a["weights"].keys() == b["weights"].keys()
     assert a["metrics"].keys() == b["metrics"].keys()
     worst = {"weights": 0.0, "metrics": 0.0, "grad_norm": 0.0}
@@ -274,6 +281,8 @@ def deviations(a: dict, b: dict) -> dict[str, float]:
     for step, row in b["metrics"].items():
         assert a["metrics"][step].keys() == row.keys(), step
         for key, value in row.items():
+            if (step, key) in coin_flips:
+                continue
             kind = "grad_norm" if key == "train/grad_norm" else "metrics"
             worst[kind] = max(worst[kind], abs(a["metrics"][step][key] - value) / max(1.0, abs(value)))
     return worst
@@ -373,7 +382,8 @@ def test_every_layout_equals_one_process(matrix, algorithm):
     # Not vacuous: the weights moved far more than the tolerance.
     assert weight_change(single, start) > 1e-3
     for layout in ("tp2", "pp2", "dp2") + (("tp2pp2",) if algorithm == "spin" else ()):
-        assert_within_tolerance(deviations(outcome(root / algorithm / layout), single), f"{algorithm} {layout}")
+        worst = deviations(outcome(root / algorithm / layout), single, COIN_FLIPS.get(algorithm, set()))
+        assert_within_tolerance(worst, f"{algorithm} {layout}")
 
 
 @pytest.mark.slow
@@ -385,7 +395,8 @@ def test_resumed_at_another_layout_equals_uninterrupted(matrix, algorithm):
     resumed = [p for p in (root / algorithm).iterdir() if "_resumed_from_" in p.name]
     assert resumed
     for path in resumed:
-        assert_within_tolerance(deviations(outcome(path), single), f"{algorithm} {path.name}")
+        worst = deviations(outcome(path), single, COIN_FLIPS.get(algorithm, set()))
+        assert_within_tolerance(worst, f"{algorithm} {path.name}")
 
 
 @pytest.mark.slow

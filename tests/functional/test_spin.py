@@ -261,3 +261,59 @@ def test_mixing_previous_generations_trains_on_both_iterations(tmp_path, tiny_sf
     sampler = SPINBatchSampler(8, 4, seed=0, shuffle=False, drop_last=True)
     sampler.mix_previous = True
     assert next(iter(sampler)) == [0, 1, 2, 3, 8, 9, 10, 11]
+
+
+@pytest.mark.slow
+def test_reference_from_generation_equals_a_forward_and_skips_the_generated_rows(tmp_path, tiny_sft_model, monkeypatch):
+    """The generated responses' reference log-probs recorded by generation equal a forward pass's (float rounding
+    apart), and the reference pass then forwards only the ground truth (and previous-iteration generations).
+
+    lr 0 keeps the weights fixed, so both runs generate the same responses in both iterations and their reference
+    tables can be compared entry by entry (iteration 2 includes the mixed-in iteration-1 pairs)."""
+    from nemo_aligner.models.nlp.gpt import megatron_gpt_dpo_model
+
+    forward = megatron_gpt_dpo_model._forward
+    rows: dict[str, int] = {}
+
+    def counting_forward(chunk, tokens):
+        if not torch.is_grad_enabled():  # reference scoring (training forwards need gradients)
+            rows[run] = rows.get(run, 0) + tokens.shape[0]
+        return forward(chunk, tokens)
+
+    monkeypatch.setattr(megatron_gpt_dpo_model, "_forward", counting_forward)
+    tables = {}
+    for run, flag in (("forward", "false"), ("generation", "true")):
+        spin_main(
+            spin_config(
+                tmp_path / run,
+                tiny_sft_model,
+                *FAST_SPIN,
+                "trainer.spin.mix_previous_generations=true",
+                "model.optim.lr=0.0",
+                "model.optim.sched.min_lr=0.0",
+                f"model.spin.reference_from_generation={flag}",
+            )
+        )
+        tables[run] = [
+            torch.load(tmp_path / run / "spin_rollouts" / f"iteration_{t}.pt", weights_only=True) for t in (0, 1)
+        ]
+    size, rows_per_forward = 3000, 2 * 16  # log_prob_forward_micro_batch_size 16 in gpt_spin_tiny
+    expected = {"forward": 0, "generation": 0}
+    for by_forward, by_generation in zip(tables["forward"], tables["generation"]):
+        assert by_forward["generated"] == by_generation["generated"]
+        a, b = by_forward["reference"], by_generation["reference"]
+        order_a, order_b = a["sample_index"].argsort(), b["sample_index"].argsort()
+        assert torch.equal(a["sample_index"][order_a], b["sample_index"][order_b])
+        torch.testing.assert_close(b["chosen"][order_b], a["chosen"][order_a], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b["rejected"][order_b], a["rejected"][order_a], rtol=1e-5, atol=1e-4)
+        # the current generations' values are the decoder's own records, not a forward's
+        positions = {int(i): n for n, i in enumerate(b["sample_index"].tolist())}
+        current = torch.tensor([positions[i] for i in by_generation["indices"]])
+        assert torch.equal(b["rejected"][current], torch.tensor(by_generation["generated_logprob_sums"]))
+        pairs, previous = len(a["sample_index"]), int((a["sample_index"] >= size).sum())
+        # both sides of every pair, in micro batches padded with filler pairs
+        expected["forward"] += rows_per_forward * math.ceil(pairs / (rows_per_forward // 2))
+        # the ground truth of every pair and the previous iteration's generations, padded to whole micro batches
+        expected["generation"] += rows_per_forward * math.ceil((pairs + previous) / rows_per_forward)
+    assert previous > 0  # iteration 2 mixed in iteration 1's pairs
+    assert rows == expected

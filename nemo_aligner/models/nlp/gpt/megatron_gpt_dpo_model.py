@@ -133,6 +133,50 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
             rejected.append(part[half:])
         return _unsort(torch.cat(chosen), order), _unsort(torch.cat(rejected), order)
 
+    @torch.no_grad()
+    def get_sequence_logprob_sums(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Current-weights log-prob sums ``[N]`` of single sequences' masked tokens (``mask`` as in
+        :func:`response_logprob_sums`): one side of some pairs, when the other side's values are already known
+        (SPIN takes the generated responses' reference log-probs from generation).
+
+        Micro batches of ``2 * log_prob_forward_micro_batch_size`` rows (the rows of one pair forward), bucketed by
+        length; padded with empty rows to a whole number of micro batches (pipeline stages exchange activations of
+        one fixed shape; the empty rows go with the shortest sequences, so they cost little).
+        """
+        rows = 2 * self.log_prob_micro_batch_size
+        count = tokens.shape[0]
+        padding = -count % rows
+        tokens = torch.cat([tokens, tokens.new_zeros(padding, tokens.shape[1])])
+        mask = torch.cat([mask, mask.new_zeros(padding, mask.shape[1])])
+        lengths = (mask * torch.arange(1, mask.shape[1] + 1)).amax(dim=1).long().clamp(min=1)
+        multiple_of = (self.cfg.get("data") or {}).get("pad_length_to_multiple_of")
+        sequences = {"tokens": tokens, "mask": mask}
+        micro_batches, order = length_bucketed_micro_batches(sequences, rows, lengths, ("tokens", "mask"), multiple_of)
+
+        def forward_step(chunk, micro_batch):
+            output = _forward(chunk, micro_batch["tokens"])
+
+            def loss_func(logits):
+                sums, _ = response_logprob_sums(logits, micro_batch["tokens"], micro_batch["mask"])
+                return torch.zeros(()), torch.zeros((), dtype=torch.int), {"sums": sums}
+
+            return output, loss_func
+
+        was_training = self.training
+        self.eval()
+        outputs = self.forward_backward(
+            micro_batches,
+            num_microbatches=len(micro_batches),
+            forward_step=forward_step,
+            forward_only=True,
+            seq_length=tokens.shape[1],
+            micro_batch_size=rows,
+        )
+        self.train(was_training)
+        local = torch.cat([o["sums"] for o in outputs]) if outputs else None
+        sums = broadcast_from_last_pipeline_stage(local, (tokens.shape[0],)).cpu()
+        return _unsort(sums, order)[:count]
+
     def _bucketed_pairs(self, batch: dict, micro_batch_size: int) -> tuple[list[dict], torch.Tensor]:
         """Micro batches of pairs of similar length, trimmed to their longest sequence (see
         :func:`length_bucketed_micro_batches`); a pair's length is one past its last response token (fillers: 1).
