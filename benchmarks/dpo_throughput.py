@@ -17,7 +17,8 @@ before training, its default), ``trl_default`` (a reference-model forward every 
 swapped in for a reference forward every step, and LoRA (rank 8 on the fused QKV; the reference is the base model
 with the adapters switched off, precomputed). ``ours`` runs with ``model.local_core_attention=sdpa`` (PyTorch's fused
 attention, ``nemo_aligner/models/nlp/gpt/attention.py``); ``ours_local_attention`` with the default, megatron-core's
-own ``DotProductAttention``: the before/after of that optimization in the same run.
+own ``DotProductAttention``: the before/after of that optimization in the same run. ``ours_prefix_sharing`` is
+``ours`` with ``model.dpo.prefix_sharing=true`` (each pair one packed row, its prompt computed once).
 
 Throughput = real tokens (prompt + response + EOS, of chosen and of rejected, no padding) x epochs / (reference
 pass + training loop wall time); model loading and tokenization are excluded on both sides. ``tokens_per_cpu_s``
@@ -53,9 +54,18 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 
-ARMS = ("ours", "trl_default", "trl_precompute", "ours_local_attention", "ours_cpu_weight_swap", "ours_lora")
+ARMS = (
+    "ours",
+    "trl_default",
+    "trl_precompute",
+    "ours_prefix_sharing",
+    "ours_local_attention",
+    "ours_cpu_weight_swap",
+    "ours_lora",
+)
 OUR_VARIANTS = {
     "ours": ["++model.local_core_attention=sdpa"],
+    "ours_prefix_sharing": ["++model.local_core_attention=sdpa", "model.dpo.prefix_sharing=true"],
     "ours_local_attention": [],
     "ours_cpu_weight_swap": ["model.dpo.reference=cpu_weight_swap"],
     "ours_lora": ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=8"],
@@ -234,10 +244,11 @@ def main() -> None:
         }
         rounds = interleaved_rounds(arms, cli.rounds, log=lambda m: print(m, file=sys.stderr))
         ratios = {}
-        if "ours" in cli.arms:
-            for other in (a for a in cli.arms if a != "ours"):
+        # ours against every other arm; prefix sharing also against TRL's arms
+        for mine, others in (("ours", cli.arms), ("ours_prefix_sharing", [a for a in cli.arms if a.startswith("trl")])):
+            for other in (a for a in others if a != mine and mine in cli.arms):
                 for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb"):
-                    ratios[f"{key} ours/{other}"] = f"ours/{other}:{key}"
+                    ratios[f"{key} {mine}/{other}"] = f"{mine}/{other}:{key}"
         keys = ("tokens", "reference_s", "train_s", "tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")
         keys += ("rss_before_train_mb",)
         result["by_epochs"][str(epochs)] = {"rounds": rounds, **summarize(rounds, keys, ratios)}

@@ -134,12 +134,13 @@ def test_training_step_loss_and_gradients_equal_unshared(batch, settings):
 
 def test_unsupported_configs_are_refused():
     key = "model.dpo.prefix_sharing"
-    check_prefix_sharing_supported({"position_embedding_type": "rope"}, key)
-    for bad, named in (
-        ({"pipeline_model_parallel_size": 2}, "pipeline_model_parallel_size"),
-        ({"transformer_engine": True}, "transformer_engine"),
-        ({"position_embedding_type": "yarn"}, "position_embedding_type"),
+    check_prefix_sharing_supported({"position_embedding_type": "rope", "transformer_engine": True}, key, False)
+    for bad, transformer_engine, named in (
+        ({"pipeline_model_parallel_size": 2}, False, "pipeline_model_parallel_size"),
+        ({}, True, "TransformerEngine"),
+        ({"apply_rope_fusion": True}, False, "apply_rope_fusion"),
+        ({"position_embedding_type": "yarn"}, False, "position_embedding_type"),
     ):
         with pytest.raises(ValueError, match=named) as error:
-            check_prefix_sharing_supported(bad, key)
+            check_prefix_sharing_supported(bad, key, transformer_engine)
         assert key in str(error.value)

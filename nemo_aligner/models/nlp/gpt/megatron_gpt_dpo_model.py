@@ -13,6 +13,7 @@ import functools
 from collections.abc import Callable, Iterator
 
 import torch
+from megatron.core.transformer.enums import AttnBackend
 from omegaconf import DictConfig, ListConfig
 
 from nemo_aligner.losses.preference import (
@@ -83,7 +84,8 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
             raise ValueError(f"{key}={self.reference_strategy!r}; choose one of {REFERENCE_STRATEGIES}")
         self.prefix_sharing = bool(settings.get("prefix_sharing", False))
         if self.prefix_sharing:
-            check_prefix_sharing_supported(cfg, f"model.{self.algorithm_key}.prefix_sharing")
+            transformer_engine = self.transformer_config.attention_backend != AttnBackend.local
+            check_prefix_sharing_supported(cfg, f"model.{self.algorithm_key}.prefix_sharing", transformer_engine)
         self.ref_policy_state_dict: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ reference policy

@@ -154,13 +154,17 @@ def forward_packed(model_chunk: torch.nn.Module, packed: PackedPairs) -> torch.T
         )
 
 
-def check_prefix_sharing_supported(cfg: Mapping[str, Any], key: str) -> None:
-    """Raise a ``ValueError`` naming ``key`` when this model config cannot use prefix sharing (module docstring)."""
+def check_prefix_sharing_supported(cfg: Mapping[str, Any], key: str, transformer_engine: bool) -> None:
+    """Raise a ``ValueError`` naming ``key`` when this model cannot use prefix sharing (module docstring).
+
+    ``transformer_engine``: whether the model was built with TransformerEngine layers (``model.transformer_engine``
+    asks for them; without TE installed the local spec is used and prefix sharing works).
+    """
     problems = []
     if (cfg.get("pipeline_model_parallel_size") or 1) > 1:
         problems.append("model.pipeline_model_parallel_size > 1 (pipeline stages exchange fixed-width activations)")
-    if cfg.get("transformer_engine", False):
-        problems.append("model.transformer_engine=true (use the local layer spec)")
+    if transformer_engine:
+        problems.append("TransformerEngine layers (model.transformer_engine=true; use the local layer spec)")
     if cfg.get("apply_rope_fusion", False):
         problems.append("model.apply_rope_fusion=true (fused RoPE takes no per-token angles)")
     embedding = cfg.get("position_embedding_type", "learned_absolute")
