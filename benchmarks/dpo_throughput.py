@@ -201,6 +201,17 @@ def result_row(tokens: int, seconds: dict[str, float], cpu: dict[str, float], rs
     }
 
 
+def ratio_specs(arms: list[str]) -> dict[str, str]:
+    """``ours`` against every other arm, and ``ours_prefix_sharing`` against every other arm (``ours`` included:
+    the before/after of prefix sharing); ``{label: 'a/b:key'}`` for :func:`summarize`."""
+    ratios = {}
+    for mine, skipped in (("ours", "ours_prefix_sharing"), ("ours_prefix_sharing", None)):
+        for other in (a for a in arms if mine in arms and a not in (mine, skipped)):
+            for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb"):
+                ratios[f"{key} {mine}/{other}"] = f"{mine}/{other}:{key}"
+    return ratios
+
+
 def worker(args: dict[str, Any]) -> None:
     row = run_ours(args) if args["arm"] in OUR_VARIANTS else run_trl(args, precompute=args["arm"] == "trl_precompute")
     print(json.dumps(row))
@@ -243,12 +254,7 @@ def main() -> None:
             for arm in cli.arms
         }
         rounds = interleaved_rounds(arms, cli.rounds, log=lambda m: print(m, file=sys.stderr))
-        ratios = {}
-        # ours against every other arm; prefix sharing also against TRL's arms
-        for mine, others in (("ours", cli.arms), ("ours_prefix_sharing", [a for a in cli.arms if a.startswith("trl")])):
-            for other in (a for a in others if a != mine and mine in cli.arms):
-                for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb"):
-                    ratios[f"{key} {mine}/{other}"] = f"{mine}/{other}:{key}"
+        ratios = ratio_specs(cli.arms)
         keys = ("tokens", "reference_s", "train_s", "tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")
         keys += ("rss_before_train_mb",)
         result["by_epochs"][str(epochs)] = {"rounds": rounds, **summarize(rounds, keys, ratios)}
