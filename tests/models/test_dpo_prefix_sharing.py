@@ -10,8 +10,11 @@ import torch
 
 from nemo_aligner.data.nlp.dpo_dataset import DPOCollate, filler_pair_item
 from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
+from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.models.nlp.gpt.prefix_sharing import check_prefix_sharing_supported, pack_pairs
+from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
 from tests.conftest import perturb_, tiny_model_cfg
+from tests.distributed.multiprocess import run_distributed
 
 # (prompt length, chosen response length, rejected response length); the last pair's responses share 3 tokens.
 SHAPES = [(20, 9, 3), (4, 2, 2), (11, 30, 6), (3, 1, 4), (8, 8, 8), (15, 2, 12), (6, 5, 7)]
@@ -144,3 +147,40 @@ def test_unsupported_configs_are_refused():
         with pytest.raises(ValueError, match=named) as error:
             check_prefix_sharing_supported(bad, key, transformer_engine)
         assert key in str(error.value)
+
+
+def scores_at_layout(model_path: str, tp: int) -> dict:
+    """Per-response sums without and with prefix sharing, and the packed loss, at tensor-parallel size ``tp``."""
+    overrides = {"tensor_model_parallel_size": tp, "micro_batch_size": 2, "global_batch_size": 8}
+    model = load_from_nemo(
+        MegatronGPTDPOModel,
+        load_and_override_model_config(model_path, {**overrides, "dpo": {"ref_policy_kl_penalty": 0.5}}),
+        restore_path=model_path,
+    )
+    batch = DPOCollate(PAD)(pair_items())
+    out = {"unshared": model.get_logprob_sums(batch)}
+    model.prefix_sharing = True
+    out["shared"] = model.get_logprob_sums(batch)
+    ref = {"ref_chosen_logps": out["shared"][0] - 0.4, "ref_rejected_logps": out["shared"][1] + 0.3}
+    out["loss"] = model.get_loss_and_metrics({**batch, **ref}, forward_only=True)[0]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_2_equals_one_process(tmp_path):
+    """Vocab-parallel logits and split heads (TP=2, gloo) through the packed path, against one process."""
+    start = MegatronGPTModel(tiny_model_cfg())
+    perturb_(start)
+    model_path = str(tmp_path / "start.nemo")
+    start.save_to(model_path)
+    single = scores_at_layout(model_path, 1)
+    ranks = run_distributed(
+        "tests.models.test_dpo_prefix_sharing:scores_at_layout", 2, tmp_path / "out", model_path=model_path, tp=2
+    )
+    for result in ranks:
+        for side in range(2):
+            # TP=2 reduces in another order, and packing changes the matmul shapes: fp32 rounding only.
+            torch.testing.assert_close(result["shared"][side], single["shared"][side], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(result["shared"][side], result["unshared"][side], rtol=1e-6, atol=1e-6)
+        assert result["loss"] == pytest.approx(single["loss"], rel=1e-6)
