@@ -17,7 +17,10 @@ before training, its default), ``trl_default`` (a reference-model forward every 
 swapped in for a reference forward every step, and LoRA (rank 8 on the fused QKV; the reference is the base model
 with the adapters switched off, precomputed). ``ours`` runs with ``model.local_core_attention=sdpa`` (PyTorch's fused
 attention, ``nemo_aligner/models/nlp/gpt/attention.py``); ``ours_local_attention`` with the default, megatron-core's
-own ``DotProductAttention``: the before/after of that optimization in the same run.
+own ``DotProductAttention``: the before/after of that optimization in the same run. ``ours`` and
+``ours_local_attention`` run with ``model.dpo.prefix_sharing=false``; ``ours_prefix_sharing`` is ``ours`` with
+``model.dpo.prefix_sharing=true`` (each pair one packed row, its prompt computed once; what the default ``auto``
+does on the CPU).
 
 Throughput = real tokens (prompt + response + EOS, of chosen and of rejected, no padding) x epochs / (reference
 pass + training loop wall time); model loading and tokenization are excluded on both sides. ``tokens_per_cpu_s``
@@ -53,10 +56,19 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 
-ARMS = ("ours", "trl_default", "trl_precompute", "ours_local_attention", "ours_cpu_weight_swap", "ours_lora")
+ARMS = (
+    "ours",
+    "trl_default",
+    "trl_precompute",
+    "ours_prefix_sharing",
+    "ours_local_attention",
+    "ours_cpu_weight_swap",
+    "ours_lora",
+)
 OUR_VARIANTS = {
-    "ours": ["++model.local_core_attention=sdpa"],
-    "ours_local_attention": [],
+    "ours": ["++model.local_core_attention=sdpa", "model.dpo.prefix_sharing=false"],
+    "ours_prefix_sharing": ["++model.local_core_attention=sdpa", "model.dpo.prefix_sharing=true"],
+    "ours_local_attention": ["model.dpo.prefix_sharing=false"],
     "ours_cpu_weight_swap": ["model.dpo.reference=cpu_weight_swap"],
     "ours_lora": ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=8"],
 }
@@ -191,6 +203,17 @@ def result_row(tokens: int, seconds: dict[str, float], cpu: dict[str, float], rs
     }
 
 
+def ratio_specs(arms: list[str]) -> dict[str, str]:
+    """``ours`` against every other arm, and ``ours_prefix_sharing`` against every other arm (``ours`` included:
+    the before/after of prefix sharing); ``{label: 'a/b:key'}`` for :func:`summarize`."""
+    ratios = {}
+    for mine, skipped in (("ours", "ours_prefix_sharing"), ("ours_prefix_sharing", None)):
+        for other in (a for a in arms if mine in arms and a not in (mine, skipped)):
+            for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb"):
+                ratios[f"{key} {mine}/{other}"] = f"{mine}/{other}:{key}"
+    return ratios
+
+
 def worker(args: dict[str, Any]) -> None:
     row = run_ours(args) if args["arm"] in OUR_VARIANTS else run_trl(args, precompute=args["arm"] == "trl_precompute")
     print(json.dumps(row))
@@ -233,11 +256,7 @@ def main() -> None:
             for arm in cli.arms
         }
         rounds = interleaved_rounds(arms, cli.rounds, log=lambda m: print(m, file=sys.stderr))
-        ratios = {}
-        if "ours" in cli.arms:
-            for other in (a for a in cli.arms if a != "ours"):
-                for key in ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb"):
-                    ratios[f"{key} ours/{other}"] = f"ours/{other}:{key}"
+        ratios = ratio_specs(cli.arms)
         keys = ("tokens", "reference_s", "train_s", "tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")
         keys += ("rss_before_train_mb",)
         result["by_epochs"][str(epochs)] = {"rounds": rounds, **summarize(rounds, keys, ratios)}

@@ -9,9 +9,11 @@ switched off), and reduces loss and metrics over the whole global batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
+from megatron.core.transformer.enums import AttnBackend
 from omegaconf import DictConfig, ListConfig
 
 from nemo_aligner.losses.preference import (
@@ -22,6 +24,12 @@ from nemo_aligner.losses.preference import (
 )
 from nemo_aligner.models.alignable_interface import SupervisedInterface
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, causal_attention_mask
+from nemo_aligner.models.nlp.gpt.prefix_sharing import (
+    forward_packed,
+    pack_pairs,
+    packed_lengths,
+    resolve_prefix_sharing,
+)
 from nemo_aligner.utils.batching import length_bucketed_micro_batches, reduce_metric_sums
 from nemo_aligner.utils.distributed import broadcast_from_last_pipeline_stage
 from nemo_aligner.utils.logprobs import shifted_logprobs
@@ -74,6 +82,12 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         if self.reference_strategy not in REFERENCE_STRATEGIES:
             key = f"model.{self.algorithm_key}.reference"
             raise ValueError(f"{key}={self.reference_strategy!r}; choose one of {REFERENCE_STRATEGIES}")
+        self.prefix_sharing = resolve_prefix_sharing(
+            settings.get("prefix_sharing", False),
+            f"model.{self.algorithm_key}.prefix_sharing",
+            cfg,
+            transformer_engine=self.transformer_config.attention_backend != AttnBackend.local,
+        )
         self.ref_policy_state_dict: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ reference policy
@@ -106,11 +120,10 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         micro_batches, order = self._bucketed_pairs(batch, self.log_prob_micro_batch_size)
 
         def forward_step(chunk, micro_batch):
-            tokens, mask = concat_pairs(micro_batch)
-            output = _forward(chunk, tokens)
+            output, logprob_sums = self._pairs_forward(chunk, micro_batch)
 
             def loss_func(logits):
-                sums, _ = response_logprob_sums(logits, tokens, mask)
+                sums, _ = logprob_sums(logits)
                 return torch.zeros(()), torch.zeros((), dtype=torch.int), {"sums": sums}
 
             return output, loss_func
@@ -179,15 +192,31 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
 
     def _bucketed_pairs(self, batch: dict, micro_batch_size: int) -> tuple[list[dict], torch.Tensor]:
         """Micro batches of pairs of similar length, trimmed to their longest sequence (see
-        :func:`length_bucketed_micro_batches`); a pair's length is one past its last response token (fillers: 1).
+        :func:`length_bucketed_micro_batches`); a pair's length is one past its last response token (fillers: 1),
+        or with prefix sharing its packed row's (never shorter, so the trim keeps every response token).
         The policy and reference passes cut the same micro batches, so a frozen policy still gives identical values.
         """
         pairs = _pair_tensors(batch)
-        response = torch.maximum(pairs["chosen_mask"], pairs["rejected_mask"])
-        lengths = (response * torch.arange(1, response.shape[1] + 1)).amax(dim=1).long().clamp(min=1)
+        if self.prefix_sharing:
+            lengths = packed_lengths(pairs)
+        else:
+            response = torch.maximum(pairs["chosen_mask"], pairs["rejected_mask"])
+            lengths = (response * torch.arange(1, response.shape[1] + 1)).amax(dim=1).long().clamp(min=1)
         keys = ("chosen", "rejected", "chosen_mask", "rejected_mask")
-        multiple_of = (self.cfg.get("data") or {}).get("pad_length_to_multiple_of")
-        return length_bucketed_micro_batches(pairs, micro_batch_size, lengths, keys, multiple_of)
+        return length_bucketed_micro_batches(pairs, micro_batch_size, lengths, keys, self._pad_multiple_of())
+
+    def _pad_multiple_of(self) -> int | None:
+        return (self.cfg.get("data") or {}).get("pad_length_to_multiple_of")
+
+    def _pairs_forward(self, model_chunk, micro_batch: dict) -> tuple[torch.Tensor, Callable]:
+        """One forward over a micro batch of pairs: the chunk's output, and a function from logits to the
+        per-response log-prob sums and token counts ``[2b]`` (chosen then rejected). Unshared: chosen and rejected
+        rows concatenated; with ``prefix_sharing``: one packed row per pair (``prefix_sharing.py``)."""
+        if self.prefix_sharing:
+            packed = pack_pairs(micro_batch, self._pad_multiple_of())
+            return forward_packed(model_chunk, packed), packed.response_logprob_sums
+        tokens, mask = concat_pairs(micro_batch)
+        return _forward(model_chunk, tokens), functools.partial(response_logprob_sums, tokens=tokens, mask=mask)
 
     # ------------------------------------------------------------------ loss
     def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
@@ -209,12 +238,11 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         return metrics["loss"], metrics
 
     def _forward_step(self, model_chunk, micro_batch: dict):
-        tokens, mask = concat_pairs(micro_batch)
-        output = _forward(model_chunk, tokens)
+        output, logprob_sums = self._pairs_forward(model_chunk, micro_batch)
         pairs = micro_batch["chosen"].shape[0]
 
         def loss_func(logits: torch.Tensor):
-            sums, counts = response_logprob_sums(logits, tokens, mask)
+            sums, counts = logprob_sums(logits)
             counts = counts.clamp(min=1)
             ref = torch.cat([micro_batch["ref_chosen_logps"], micro_batch["ref_rejected_logps"]]).to(sums)
             policy_pref, ref_pref = (sums / counts, ref / counts) if self.preference_average_log_probs else (sums, ref)
