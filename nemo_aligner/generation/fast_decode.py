@@ -110,10 +110,10 @@ class FastDecoder:
     """One-token KV-cached decode steps of ``gpt`` (see the module docstring), continuing a megatron prefill
     of ``length`` positions whose static cache it takes over.
 
-    Holds its own cache: per layer, keys after RoPE and values, ``[capacity, batch, heads, head_dim]``. That is
-    the layout megatron's attention builds every step (the cache with each query group's key and value repeated
-    for its heads, a full copy per layer and step under grouped-query attention), kept instead of rebuilt, so
-    attention runs the same products on the same operands; the cost is the repeated heads' memory.
+    Holds its own cache: per layer, keys after RoPE and values, ``[batch, heads, capacity, head_dim]``: the
+    operands megatron's attention builds every step (the cache with each query group's key and value repeated
+    for its heads, a full copy per layer and step under grouped-query attention), kept instead of rebuilt. The
+    cost is the repeated heads' memory. Batch-major rows make the products' operands contiguous per head.
     """
 
     def __init__(self, gpt: GPTModel, cache: mcore_compat.StaticInferenceContext, length: int) -> None:
@@ -123,24 +123,23 @@ class FastDecoder:
         self.groups = attention.num_query_groups_per_partition
         self.heads = attention.num_attention_heads_per_partition
         self.head_dim = attention.hidden_size_per_attention_head
-        capacity = cache.max_sequence_length
         self.cos = self.sin = None
         if gpt.position_embedding_type == "rope":
             # megatron's table for a static cache covers max_sequence_length positions.
-            freqs = gpt.rotary_pos_emb(capacity)
+            freqs = gpt.rotary_pos_emb(cache.max_sequence_length)
             mscale = _yarn_get_concentration_factor_from_config(gpt.config)
             self.cos, self.sin = torch.cos(freqs) * mscale, torch.sin(freqs) * mscale
         self.keys, self.values = [], []
         for layer in self.layers:  # take over megatron's cache: it is not used again
             keys, values = cache.key_value_memory_dict.pop(layer.layer_number)
-            self.keys.append(self._per_head(keys.new_empty(keys.shape), self._rope(keys[:length], 0, length)))
-            self.values.append(self._per_head(values.new_empty(values.shape), values[:length]))
+            self.keys.append(self._new_cache(keys, self._rope(keys[:length], 0, length)))
+            self.values.append(self._new_cache(values, values[:length]))
 
-    def _per_head(self, groups: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
-        """A per-head cache like ``groups`` ``[capacity, batch, groups, head_dim]`` starting with ``filled``."""
-        capacity, batch = groups.shape[:2]
-        cache = groups.new_empty(capacity, batch, self.heads, self.head_dim)
-        cache[: len(filled)] = self._repeat(filled)
+    def _new_cache(self, megatron_cache: torch.Tensor, filled: torch.Tensor) -> torch.Tensor:
+        """Our cache for megatron's ``[capacity, batch, groups, head_dim]``, starting with ``filled`` (same layout)."""
+        capacity, batch = megatron_cache.shape[:2]
+        cache = megatron_cache.new_empty(batch, self.heads, capacity, self.head_dim)
+        cache[:, :, : len(filled)] = self._repeat(filled).permute(1, 2, 0, 3)
         return cache
 
     def _repeat(self, groups: torch.Tensor) -> torch.Tensor:
@@ -153,15 +152,18 @@ class FastDecoder:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Drop from the cache every batch row not listed in ``rows``."""
-        self.keys = [k[:, rows] for k in self.keys]
-        self.values = [v[:, rows] for v in self.values]
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
 
     def _rope(self, t: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """megatron's unfused RoPE (``_apply_rotary_pos_emb_bshd``) for positions ``start..end-1``."""
+        """megatron's unfused RoPE (``_apply_rotary_pos_emb_bshd``) of ``t`` ``[s, ...]`` at positions start..end-1."""
         if self.cos is None:
             return t
         cos, sin = self.cos[start:end], self.sin[start:end]
         rot_dim = cos.shape[-1]
+        if rot_dim == t.shape[-1]:
+            first, second = torch.chunk(t, 2, dim=-1)
+            return (t * cos) + (torch.cat((-second, first), dim=-1) * sin)
         t, t_pass = t[..., :rot_dim], t[..., rot_dim:]
         first, second = torch.chunk(t, 2, dim=-1)
         t = (t * cos) + (torch.cat((-second, first), dim=-1) * sin)
@@ -196,27 +198,25 @@ class FastDecoder:
         batch, groups, heads, head_dim = hidden.shape[1], self.groups, self.heads, self.head_dim
         per_group = heads // groups
         qkv, _ = _linear(attention.linear_qkv, layer.input_layernorm(hidden))
-        qkv = qkv.view(1, batch, groups, (per_group + 2) * head_dim)
-        query, key, value = torch.split(qkv, [per_group * head_dim, head_dim, head_dim], dim=3)
-        query = self._rope(query.reshape(1, batch, heads, head_dim), pos, pos + 1)
-        self.keys[index][pos] = self._repeat(self._rope(key, pos, pos + 1)[0])
-        self.values[index][pos] = self._repeat(value[0])
-        key, value = self.keys[index][: pos + 1], self.values[index][: pos + 1]
+        # Each group's [queries, key, value] heads; RoPE is elementwise per head, so queries and key go together.
+        qkv = qkv.view(batch, groups, per_group + 2, head_dim)
+        query_key = self._rope(qkv[None, :, :, : per_group + 1], pos, pos + 1)[0]
+        keys, values = self.keys[index], self.values[index]
+        keys[:, :, pos] = self._repeat(query_key[:, :, per_group])
+        values[:, :, pos] = self._repeat(qkv[:, :, per_group + 1])
+        query = query_key[:, :, :per_group].reshape(batch * heads, 1, head_dim)
+        keys = keys.view(batch * heads, -1, head_dim)[:, : pos + 1]
+        values = values.view(batch * heads, -1, head_dim)[:, : pos + 1]
         core = attention.core_attention
-        length = key.shape[0]
-        query = query.reshape(1, batch * heads, head_dim)
-        key = key.view(length, batch * heads, head_dim)
         scores = torch.baddbmm(
-            torch.empty(batch * heads, 1, length, dtype=query.dtype, device=query.device),
-            query.transpose(0, 1),
-            key.transpose(0, 1).transpose(1, 2),
+            torch.empty(batch * heads, 1, pos + 1, dtype=query.dtype, device=query.device),
+            query,
+            keys.transpose(1, 2),
             beta=0.0,
             alpha=core.softmax_scale,
         )
         if core.scale_mask_softmax.scale is not None:
             scores = scores * core.scale_mask_softmax.scale
-        probs = torch.softmax(scores, dim=-1)
-        context = torch.bmm(probs, value.view(length, batch * heads, head_dim).transpose(0, 1))
-        context = context.view(batch, heads, 1, head_dim).permute(2, 0, 1, 3).contiguous()
+        context = torch.bmm(torch.softmax(scores, dim=-1), values)  # [batch * heads, 1, head_dim]
         context = context.view(1, batch, heads * head_dim)
         return _bias_add(*_linear(attention.linear_proj, context), hidden)
