@@ -118,7 +118,7 @@ def device_rewrites_suspended():
     """Leave the CUDA-to-CPU function mode for a hot loop known to make no CUDA device request.
 
     With the mode entered every torch call, not just the factories it rewrites, detours through its Python
-    ``__torch_function__``: ~30% of a one-token decode step of a small model (generation measures it). Exact:
+    ``__torch_function__``: ~30% of a one-token decode step of a small model (docs/performance.md). Exact:
     the mode only rewrites CUDA requests, and a CUDA request inside the block fails loudly on a machine
     without CUDA. Nothing to do where the mode is not entered (GPUs, or another thread).
     """
