@@ -17,11 +17,12 @@ path for RoPE and learned positions, GQA, SwiGLU and GELU, RMSNorm and LayerNorm
 
 from __future__ import annotations
 
+import megatron.core
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, _yarn_get_concentration_factor_from_config
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
@@ -29,9 +30,14 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from nemo_aligner.utils import mcore_compat
 
+MIRRORED_MEGATRON_CORE = "0.16."
+"""The megatron-core release whose one-token step :class:`FastDecoder` mirrors; others decode through megatron."""
+
 
 def unsupported_reason(gpt: GPTModel, autocast_dtype: torch.dtype | None) -> str | None:
     """Why :class:`FastDecoder` cannot stand in for ``gpt``'s one-token forward, or None when it can."""
+    if not megatron.core.__version__.startswith(MIRRORED_MEGATRON_CORE):
+        return f"megatron-core {megatron.core.__version__} (the fast step mirrors {MIRRORED_MEGATRON_CORE}x)"
     config = gpt.config
     parallel = (
         parallel_state.get_tensor_model_parallel_world_size(),
@@ -127,6 +133,8 @@ class FastDecoder:
         if gpt.position_embedding_type == "rope":
             # megatron's table for a static cache covers max_sequence_length positions.
             freqs = gpt.rotary_pos_emb(cache.max_sequence_length)
+            from megatron.core.transformer.attention import _yarn_get_concentration_factor_from_config
+
             mscale = _yarn_get_concentration_factor_from_config(gpt.config)
             self.cos, self.sin = torch.cos(freqs) * mscale, torch.sin(freqs) * mscale
         self.keys, self.values = [], []

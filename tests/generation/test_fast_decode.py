@@ -70,9 +70,12 @@ def test_fast_decode_equals_megatron_modules(architecture):
     assert_same_generation(model, prompts, sampled, length, seeds=[11, 12, 13, 14, 15])
 
 
-def test_unsupported_models_decode_through_megatron():
+def test_unsupported_models_decode_through_megatron(monkeypatch):
     model = build()
     assert unsupported_reason(model.model, torch.bfloat16) == "not float32"
+    with monkeypatch.context() as patch:  # another megatron-core release (e.g. a newer NVIDIA container)
+        patch.setattr("megatron.core.__version__", "0.17.0")
+        assert "megatron-core 0.17.0" in unsupported_reason(model.model, None)
     sdpa = build(local_core_attention="sdpa")
     assert "plain local-spec layer" in unsupported_reason(sdpa.model, None)
     apply_lora(model, {"peft_scheme": "lora", "lora_tuning": {"target_modules": ["attention_qkv"], "adapter_dim": 4}})
