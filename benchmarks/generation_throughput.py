@@ -8,10 +8,17 @@ tokens (no early stop) after prompts of ``--prompt_length`` tokens (the start of
 same length so the no-cache loop needs no padding), at batch 1 and batch 32, fp32, in one process (no memory is
 measured here), with the arms interleaved and the order rotated every round. Arms:
 
-* ``ours``: ``MegatronGPTModel.generate`` (megatron-core static KV cache, ``nemo_aligner/generation``);
+* ``ours``: ``MegatronGPTModel.generate`` (megatron-core static KV cache, ``nemo_aligner/generation``), with its
+  default fast decode step;
+* ``ours_plain``: the same with ``fast_decode=False`` (every step through megatron-core's modules, under the
+  CPU-support function mode): the code before the fast step, for a before/after in the same run;
 * ``hf``: ``LlamaForCausalLM.generate(do_sample=False, use_cache=True)``;
 * ``ours_no_cache``: the same model, a full forward over the whole sequence for every new token;
 * ``hf_no_cache``: ``generate(use_cache=False)``.
+
+Importing our model enters the CPU-support function mode (``nemo_aligner/utils/cpu_support.py``), which adds a
+Python call to every torch operation; the HF and no-cache arms run outside it, as they would without our library
+(so the no-cache baseline is not slowed by it either).
 
 The JSON also reports how many greedy continuations are identical between ours and HF (ties in float32 rounding
 may legitimately differ late in a sequence).
@@ -20,6 +27,7 @@ may legitimately differ late in a sequence).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -33,6 +41,7 @@ from benchmarks.common import EMBEDDED, SHAPES, build_models, machine_info, read
 from nemo_aligner.utils.evaluation import greedy_sampling_params  # noqa: E402
 
 GREEDY = greedy_sampling_params(end_strings=())
+ARMS = ["ours", "ours_plain", "hf", "ours_no_cache", "hf_no_cache"]
 
 
 def prompts_of_length(tokenizer, count: int, length: int) -> list[list[int]]:
@@ -66,6 +75,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS)
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "nemo_aligner_bench"))
     parser.add_argument("--out")
     cli = parser.parse_args()
@@ -73,7 +83,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from nemo_aligner.generation import generate
     from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+    from nemo_aligner.utils.cpu_support import device_rewrites_suspended
 
     torch.set_num_threads(cli.threads)
     work = Path(cli.work_dir)
@@ -84,23 +96,30 @@ def main() -> None:
     length = {"max_length": cli.new_tokens, "min_length": cli.new_tokens}
 
     def run_hf(prompts, use_cache: bool):
-        out = hf.generate(
-            torch.tensor(prompts),
-            attention_mask=torch.ones(len(prompts), len(prompts[0]), dtype=torch.long),
-            max_new_tokens=cli.new_tokens,
-            min_new_tokens=cli.new_tokens,
-            do_sample=False,
-            use_cache=use_cache,
-            pad_token_id=hf.config.pad_token_id,
-        )
+        with device_rewrites_suspended():
+            out = hf.generate(
+                torch.tensor(prompts),
+                attention_mask=torch.ones(len(prompts), len(prompts[0]), dtype=torch.long),
+                max_new_tokens=cli.new_tokens,
+                min_new_tokens=cli.new_tokens,
+                do_sample=False,
+                use_cache=use_cache,
+                pad_token_id=hf.config.pad_token_id,
+            )
         return out[:, len(prompts[0]) :].tolist()
+
+    def run_no_cache(prompts):
+        with device_rewrites_suspended():
+            return no_cache_greedy(ours, prompts, cli.new_tokens)
 
     arms = {
         "ours": lambda p: ours.generate(p, GREEDY, length).response_ids,
+        "ours_plain": lambda p: generate(ours, p, GREEDY, length, fast_decode=False).response_ids,
         "hf": lambda p: run_hf(p, True),
-        "ours_no_cache": lambda p: no_cache_greedy(ours, p, cli.new_tokens),
+        "ours_no_cache": run_no_cache,
         "hf_no_cache": lambda p: run_hf(p, False),
     }
+    arms = {name: arms[name] for name in cli.arms}
     result: dict[str, Any] = {
         "benchmark": "generation_throughput",
         "model": {"name": cli.model, **SHAPES[cli.model].__dict__, "parameters": SHAPES[cli.model].num_parameters()},
@@ -112,31 +131,43 @@ def main() -> None:
     with torch.no_grad():
         for batch in cli.batches:
             prompts = prompts_of_length(ours.tokenizer, batch, cli.prompt_length)
-            outputs, times = {}, {name: [] for name in names}
+            outputs, times, cpu_times = {}, {name: [] for name in names}, {name: [] for name in names}
             for r in range(cli.rounds):
                 for name in names[r % len(names) :] + names[: r % len(names)]:
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     outputs[name] = arms[name](prompts)
                     times[name].append(time.perf_counter() - start)
+                    cpu_times[name].append(time.process_time() - cpu_start)
                     print(f"batch {batch} round {r} {name}: {times[name][-1]:.3f}s", file=sys.stderr)
             new = batch * cli.new_tokens
             assert all(len(o) == cli.new_tokens for out in outputs.values() for o in out)
-            per_round = {
-                "ours/hf": [h / o for o, h in zip(times["ours"], times["hf"])],
-                "ours/ours_no_cache": [n / o for o, n in zip(times["ours"], times["ours_no_cache"])],
-                "hf/hf_no_cache": [n / o for o, n in zip(times["hf"], times["hf_no_cache"])],
+            pairs = [("ours", "hf"), ("ours", "ours_plain"), ("ours_plain", "hf"), ("ours", "ours_no_cache")]
+            pairs += [("hf", "hf_no_cache")]
+            per_round = {  # speed of a over b: b's time over a's, round by round
+                f"{a}/{b}": [tb / ta for ta, tb in zip(times[a], times[b])]
+                for a, b in pairs
+                if a in times and b in times
+            }
+            cpu_per_round = {
+                f"{a}/{b}": [tb / ta for ta, tb in zip(cpu_times[a], cpu_times[b])]
+                for a, b in pairs
+                if a in times and b in times
             }
             result["by_batch"][str(batch)] = {
                 "new_tokens_per_s": {name: new / statistics.median(t) for name, t in times.items()},
                 "seconds_per_round": times,
                 "speedup_median": {k: statistics.median(v) for k, v in per_round.items()},
                 "speedup_per_round": per_round,
+                "cpu_seconds_per_round": cpu_times,
+                "cpu_speedup_median": {k: statistics.median(v) for k, v in cpu_per_round.items()},
+                "cpu_speedup_per_round": cpu_per_round,
                 "identical_continuations": {
-                    "ours_vs_hf": sum(a == b for a, b in zip(outputs["ours"], outputs["hf"])) / batch,
-                    "ours_vs_ours_no_cache": sum(a == b for a, b in zip(outputs["ours"], outputs["ours_no_cache"]))
-                    / batch,
+                    f"ours_vs_{name}": sum(a == b for a, b in zip(outputs["ours"], outputs[name])) / batch
+                    for name in outputs
+                    if name != "ours" and "ours" in outputs
                 },
             }
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     write_json(result, cli.out)
 
 

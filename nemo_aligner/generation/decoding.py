@@ -21,10 +21,16 @@ How a batch runs (the scheme of NeMo and of megatron-core's static engine):
   stage broadcasts the logits of the last position to its pipeline, so every stage chooses the same tokens with
   the same generators and keeps the same per-sample state. (Logits rather than tokens: the log-probs that
   ``compute_logprob``/``all_probs`` return come from them too; they are ``[batch, vocabulary]`` per step.)
+* Speed (``fast_decode``, on by default): the one-token steps after the prefill run through
+  :class:`~nemo_aligner.generation.fast_decode.FastDecoder`, megatron-core's arithmetic without its per-module
+  overhead, where it supports the model (one process, float32, plain local spec); and the loop runs outside the
+  CPU-support function mode (:func:`~nemo_aligner.utils.cpu_support.device_rewrites_suspended`). Both leave the
+  results unchanged (``tests/generation/test_fast_decode.py``); ``fast_decode=False`` is the plain path.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,9 +38,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from megatron.core import parallel_state
 
+from nemo_aligner.generation.fast_decode import FastDecoder, unsupported_reason
 from nemo_aligner.generation.sampling import LengthParams, SamplingParams, choose_tokens, draw_uniforms
 from nemo_aligner.generation.stopping import EndDetector
-from nemo_aligner.utils import mcore_compat
+from nemo_aligner.utils import cpu_support, mcore_compat
 from nemo_aligner.utils.distributed import (
     broadcast_from_last_pipeline_stage,
     receive_from_previous_pipeline_stage,
@@ -75,12 +82,14 @@ def generate(
     sampling_params: Mapping[str, Any],
     length_params: Mapping[str, Any],
     seeds: Sequence[int] | None = None,
+    fast_decode: bool = True,
 ) -> GenerationOutput:
     """Generate one response per prompt (token-id lists of any lengths) with a KV cache.
 
     ``sampling_params`` and ``length_params`` are NeMo's dicts (see :class:`SamplingParams`, :class:`LengthParams`).
     ``seeds`` gives each sample its random key; required unless ``use_greedy``. A collective call under tensor
     and pipeline parallelism: every tensor- and pipeline-parallel rank passes the same prompts and seeds.
+    ``fast_decode=False`` turns off the speed-ups of the module docstring (to measure or rule them out).
     """
     sampling = SamplingParams.from_config(sampling_params)
     lengths = LengthParams.from_config(length_params)
@@ -105,12 +114,14 @@ def generate(
     generators = None if sampling.use_greedy else [torch.Generator().manual_seed(int(s)) for s in seeds]
     end = EndDetector(tokenizer, sampling.end_strings)
     decoder = _BatchDecoder(model, sampling, lengths.min_length, end, prompts, budgets, generators)
+    fast = fast_decode and unsupported_reason(model.model, model.autocast_dtype) is None
+    suspended = cpu_support.device_rewrites_suspended() if fast_decode else contextlib.nullcontext()
 
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _model_autocast(model):
-            responses = decoder.run()
+        with torch.no_grad(), _model_autocast(model), suspended:
+            responses = decoder.run(fast)
     finally:
         model.train(was_training)
     return GenerationOutput(
@@ -189,13 +200,15 @@ class _BatchDecoder:
             for r, i in enumerate(self.rows):
                 self.seen[r, self.prompts[r, : len(prompts[i])]] = True
 
-    def run(self) -> list[_Response]:
+    def run(self, fast: bool) -> list[_Response]:
+        """Decode the batch; with ``fast``, the steps after the prefill run through :class:`FastDecoder`."""
         if not self.rows:
             return self.responses
         n_rows, device = len(self.rows), self.device
         cache = mcore_compat.StaticInferenceContext(n_rows, self.max_total)
         pos = int(self.prompt_len.min())
         logits = self._forward(self.prompts[:, :pos], torch.arange(pos, device=device).expand(n_rows, -1), cache)
+        fast_decoder = FastDecoder(self.gpt, cache, pos) if fast else None
         active = torch.arange(n_rows, device=device)
         live = torch.ones(n_rows, dtype=torch.bool, device=device)
         while True:
@@ -210,10 +223,16 @@ class _BatchDecoder:
                 return self.responses
             if 4 * int((~live).sum()) >= len(live):
                 keep = live.nonzero().squeeze(-1)
+                if fast_decoder is not None:
+                    fast_decoder.keep(keep)
                 for layer, (keys, values) in cache.key_value_memory_dict.items():
                     cache.key_value_memory_dict[layer] = (keys[:, keep], values[:, keep])
                 active, live, next_tokens = active[keep], live[keep], next_tokens[keep]
-            logits = self._forward(next_tokens[:, None], torch.full((len(active), 1), pos, device=device), cache)
+            if fast_decoder is not None:
+                logits = fast_decoder.step(next_tokens, pos)
+            else:
+                positions = torch.full((len(active), 1), pos, device=device)
+                logits = self._forward(next_tokens[:, None], positions, cache)
             pos += 1
 
     def _forward(

@@ -113,6 +113,23 @@ def _make_cpu_tracker_class(base: type) -> type:
     return CpuRNGStatesTracker
 
 
+@contextlib.contextmanager
+def device_rewrites_suspended():
+    """Leave the CUDA-to-CPU function mode for a hot loop known to make no CUDA device request.
+
+    With the mode entered every torch call, not just the factories it rewrites, detours through its Python
+    ``__torch_function__``: ~30% of a one-token decode step of a small model (docs/performance.md). Exact:
+    the mode only rewrites CUDA requests, and a CUDA request inside the block fails loudly on a machine
+    without CUDA. Nothing to do where the mode is not entered (GPUs, or another thread).
+    """
+    stack_size = torch._C._len_torch_function_stack()
+    if stack_size == 0 or not isinstance(torch._C._get_function_stack_at(stack_size - 1), _CudaToCpuMode):
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
+
+
 def process_group_backend() -> str:
     """torch.distributed backend for this machine: NCCL with CUDA, gloo on the CPU."""
     return "nccl" if torch.cuda.is_available() else "gloo"
