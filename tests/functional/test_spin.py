@@ -291,6 +291,7 @@ def test_reference_from_generation_equals_a_forward_and_skips_the_generated_rows
                 "trainer.spin.mix_previous_generations=true",
                 "model.optim.lr=0.0",
                 "model.optim.sched.min_lr=0.0",
+                "model.spin.prefix_sharing=false",  # two rows per pair, so the rows forwarded can be counted
                 f"model.spin.reference_from_generation={flag}",
             )
         )
