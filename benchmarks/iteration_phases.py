@@ -51,7 +51,7 @@ def run_phases(
     from nemo_aligner.utils.config import compose_config
 
     logged: list[dict[str, float]] = []
-    original_log, original_forward = BaseTrainer.log, megatron_gpt_dpo_model._forward
+    originals = (BaseTrainer.log, megatron_gpt_dpo_model._forward, megatron_gpt_dpo_model.forward_packed)
     reference_tokens = [0]
 
     def capture(self, metrics, prefix):
@@ -61,15 +61,21 @@ def run_phases(
             logged.append({k: round(v, 3) for k, v in timers.items()})
             logged[-1]["reference_forward_tokens"] = reference_tokens[0]  # padding included: what was computed
             reference_tokens[0] = 0
-        return original_log(self, metrics, prefix)
+        return originals[0](self, metrics, prefix)
 
-    def counting_forward(chunk, tokens):
+    def counting_forward(chunk, tokens):  # two rows per pair
         if not torch.is_grad_enabled():  # reference scoring; training forwards need gradients
             reference_tokens[0] += tokens.numel()
-        return original_forward(chunk, tokens)
+        return originals[1](chunk, tokens)
+
+    def counting_forward_packed(chunk, packed):  # one row per pair (prefix sharing)
+        if not torch.is_grad_enabled():
+            reference_tokens[0] += packed.tokens.numel()
+        return originals[2](chunk, packed)
 
     BaseTrainer.log = capture
     megatron_gpt_dpo_model._forward = counting_forward
+    megatron_gpt_dpo_model.forward_packed = counting_forward_packed
     try:
         main = importlib.import_module(f"examples.nlp.gpt.{script}").main
         conf = Path(__file__).resolve().parents[1] / "examples" / "nlp" / "gpt" / "conf"
@@ -84,7 +90,7 @@ def run_phases(
             ]
             main(compose_config(conf, config_name, overrides))
     finally:
-        BaseTrainer.log, megatron_gpt_dpo_model._forward = original_log, original_forward
+        BaseTrainer.log, megatron_gpt_dpo_model._forward, megatron_gpt_dpo_model.forward_packed = originals
     return logged
 
 

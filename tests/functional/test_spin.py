@@ -307,6 +307,8 @@ def test_reference_from_generation_equals_a_forward_and_skips_the_generated_rows
         assert torch.equal(a["sample_index"][order_a], b["sample_index"][order_b])
         torch.testing.assert_close(b["chosen"][order_b], a["chosen"][order_a], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b["rejected"][order_b], a["rejected"][order_a], rtol=1e-5, atol=1e-4)
+        deviation = (b["rejected"][order_b] - a["rejected"][order_a]).abs().max().item()
+        print(f"generated responses' reference sums: generation vs forward, max |difference| {deviation:.2e}")
         # the current generations' values are the decoder's own records, not a forward's
         positions = {int(i): n for n, i in enumerate(b["sample_index"].tolist())}
         current = torch.tensor([positions[i] for i in by_generation["indices"]])
