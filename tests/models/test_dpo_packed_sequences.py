@@ -12,8 +12,12 @@ import torch
 from nemo_aligner.data.nlp.dpo_dataset import DPOCollate
 from nemo_aligner.models.nlp.gpt.attention import thd_causal_mask
 from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
+from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.models.nlp.gpt.packed_sequences import pack_sequences, resolve_packed_sequences
 from nemo_aligner.utils.distributed import initialize_distributed
+from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
+from tests.conftest import perturb_, tiny_model_cfg
+from tests.distributed.multiprocess import run_distributed
 from tests.models.test_dpo_prefix_sharing import (
     ARCHITECTURES,
     PAD,
@@ -89,11 +93,14 @@ def test_refused_configs_are_named_and_packed_wins_over_prefix_sharing():
     assert resolve_packed_sequences(True, key, sdpa, transformer_engine=False) is True
     assert resolve_packed_sequences(True, key, {"position_embedding_type": "rope"}, transformer_engine=True) is True
     assert resolve_packed_sequences(False, key, {}, transformer_engine=False) is False
+    parallel = {**sdpa, "sequence_parallel": True, "tensor_model_parallel_size": 2}
+    assert resolve_packed_sequences(True, key, {**parallel, "data": {"pad_length_to_multiple_of": 4}}, False)
     for bad, transformer_engine, named in (
         ({}, False, "model.local_core_attention=sdpa"),
         ({**sdpa, "pipeline_model_parallel_size": 2}, False, "pipeline_model_parallel_size"),
         ({**sdpa, "context_parallel_size": 2}, True, "context_parallel_size"),
         ({**sdpa, "position_embedding_type": "yarn"}, False, "position_embedding_type"),
+        ({**sdpa, "sequence_parallel": True, "tensor_model_parallel_size": 2}, False, "pad_length_to_multiple_of"),
     ):
         with pytest.raises(ValueError, match=named) as error:
             resolve_packed_sequences(True, key, bad, transformer_engine)
@@ -117,3 +124,38 @@ def test_transformer_engine_thd_equals_unpacked(batch):
         sums[packed] = model.get_logprob_sums({k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()})
     for side in range(2):
         torch.testing.assert_close(sums[True][side], sums[False][side], rtol=1e-4, atol=1e-4)  # TE kernels, TF32
+
+
+def thd_scores_at_layout(model_path: str, tp: int) -> dict:
+    """Per-response sums without and with packed sequences, and the packed loss, at tensor-parallel size ``tp``."""
+    overrides = {"tensor_model_parallel_size": tp, "micro_batch_size": 2, "global_batch_size": 8}
+    settings = {"ref_policy_kl_penalty": 0.5, "prefix_sharing": False, "packed_sequences": True}
+    cfg = load_and_override_model_config(model_path, {**overrides, "local_core_attention": "sdpa", "dpo": settings})
+    model = load_from_nemo(MegatronGPTDPOModel, cfg, restore_path=model_path)
+    batch = DPOCollate(PAD)(pair_items())
+    out = {"packed": model.get_logprob_sums(batch)}
+    ref = {"ref_chosen_logps": out["packed"][0] - 0.4, "ref_rejected_logps": out["packed"][1] + 0.3}
+    out["loss"] = model.get_loss_and_metrics({**batch, **ref}, forward_only=True)[0]
+    model.packed_sequences = False
+    out["unpacked"] = model.get_logprob_sums(batch)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_2_equals_one_process(tmp_path):
+    """Split heads and vocab-parallel logits (TP=2, gloo) through the THD path, against one process."""
+    start = MegatronGPTModel(tiny_model_cfg())
+    perturb_(start)
+    model_path = str(tmp_path / "start.nemo")
+    start.save_to(model_path)
+    single = thd_scores_at_layout(model_path, 1)
+    ranks = run_distributed(
+        "tests.models.test_dpo_packed_sequences:thd_scores_at_layout", 2, tmp_path / "out", model_path=model_path, tp=2
+    )
+    for result in ranks:
+        for side in range(2):
+            # TP=2 reduces in another order, and packing changes the matmul shapes: fp32 rounding only.
+            torch.testing.assert_close(result["packed"][side], single["packed"][side], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(result["packed"][side], result["unpacked"][side], rtol=1e-5, atol=1e-5)
+        assert result["loss"] == pytest.approx(single["loss"], rel=1e-5)

@@ -114,6 +114,13 @@ def packed_sequences_problems(cfg: Mapping[str, Any], transformer_engine: bool) 
     embedding = cfg.get("position_embedding_type", "learned_absolute")
     if embedding not in ("rope", "learned_absolute", "none"):
         problems.append(f"model.position_embedding_type={embedding!r} (supported: rope, learned_absolute, none)")
+    tp = cfg.get("tensor_model_parallel_size") or 1
+    multiple_of = (cfg.get("data") or {}).get("pad_length_to_multiple_of") or 1
+    if cfg.get("sequence_parallel", False) and tp > 1 and multiple_of % tp:
+        problems.append(
+            "model.sequence_parallel=true without model.data.pad_length_to_multiple_of a multiple of "
+            f"model.tensor_model_parallel_size={tp} (the packed row is split across TP ranks)"
+        )
     return problems
 
 
