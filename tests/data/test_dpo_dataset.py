@@ -307,7 +307,7 @@ def test_data_prefix_splits_concatenate_files_in_order(write_jsonl, tokenizer):
         ({"train": [0.5, "a.jsonl"]}, {}, ValueError, "weighted blending"),
         ({"train": ["a.jsonl"], "dev": ["a.jsonl"]}, {}, ValueError, r"unknown splits \['dev'\]"),
         ("a.jsonl", {}, ValueError, "must be a mapping"),
-        ({"train": ["a.jsonl"]}, {"data_impl": "packed_jsonl"}, NotImplementedError, "GPU TransformerEngine"),
+        ({"train": ["a.jsonl"]}, {"data_impl": "packed_jsonl"}, NotImplementedError, "model.dpo.packed_sequences=true"),
         ({"train": ["a.jsonl"]}, {"data_impl": "mmap"}, ValueError, "must be 'jsonl'"),
         ({"train": ["a.jsonl"]}, {"seq_length": None}, ValueError, r"model\.data\.seq_length must be a positive"),
     ],

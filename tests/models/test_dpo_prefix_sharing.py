@@ -4,6 +4,7 @@ log-probs, losses and gradients (float rounding only), for RoPE and learned posi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -108,11 +109,17 @@ def test_logprob_sums_equal_unshared(batch, architecture):
     ids=["dpo", "sft_term_and_averages"],
 )
 def test_training_step_loss_and_gradients_equal_unshared(batch, settings):
+    assert_training_step_equal(dpo_model, batch, settings)
+
+
+def assert_training_step_equal(make_model: Callable[[bool, dict], MegatronGPTDPOModel], batch: dict, settings: dict):
+    """One training step of ``make_model(True, settings)`` (a packed layout) against ``make_model(False, ...)``:
+    equal loss, metrics and gradients; and the packed reference pass gives a first loss of exactly log 2."""
     results = {}
-    for prefix_sharing in (False, True):
-        model = dpo_model(prefix_sharing, settings)
+    for packed in (False, True):
+        model = make_model(packed, settings)
         ref_chosen, ref_rejected = model.get_logprob_sums(batch)
-        if prefix_sharing:
+        if packed:
             # Policy == reference through the same packed path: rewards are exactly 0, the loss exactly log 2 in
             # float32.
             _, metrics = model.get_loss_and_metrics(
@@ -125,14 +132,14 @@ def test_training_step_loss_and_gradients_equal_unshared(batch, settings):
         shifted = {**batch, "ref_chosen_logps": ref_chosen - 0.4, "ref_rejected_logps": ref_rejected + 0.3}
         _, metrics = model.get_loss_and_metrics(shifted, forward_only=False)
         grads = {name: p.main_grad.clone() for name, p in model.model.named_parameters()}
-        results[prefix_sharing] = metrics, grads
-    (metrics, grads), (shared_metrics, shared_grads) = results[False], results[True]
-    assert metrics["num_pairs"] == shared_metrics["num_pairs"] == 7
+        results[packed] = metrics, grads
+    (metrics, grads), (packed_metrics, packed_grads) = results[False], results[True]
+    assert metrics["num_pairs"] == packed_metrics["num_pairs"] == 7
     for key, value in metrics.items():
-        assert shared_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert packed_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     for name, grad in grads.items():
         assert grad.abs().max() > 0, name
-        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_true_refuses_unsupported_configs_auto_turns_off_and_bad_values_are_named():

@@ -64,8 +64,8 @@ def main(cfg: DictConfig) -> None:
             "data": model_cfg.data,
             "peft": model_cfg.get("peft"),
             "batching": [model_cfg.micro_batch_size, model_cfg.global_batch_size, loop.model.log_prob_micro_batch_size],
-            # Both change the float rounding of the log-probs (a reused table would break the exact first loss).
-            "forward": [loop.model.prefix_sharing, model_cfg.get("local_core_attention")],
+            # These change the float rounding of the log-probs (a reused table would break the exact first loss).
+            "forward": [loop.model.prefix_sharing, model_cfg.get("local_core_attention"), loop.model.packed_sequences],
             "parallel": [
                 model_cfg.tensor_model_parallel_size,
                 model_cfg.pipeline_model_parallel_size,

@@ -100,8 +100,8 @@ def _check_data_impl(data_cfg: Mapping[str, Any]) -> None:
     data_impl = _data_value(data_cfg, "data_impl")
     if data_impl == "packed_jsonl":
         raise NotImplementedError(
-            "model.data.data_impl=packed_jsonl is not supported: packed sequences need the GPU TransformerEngine "
-            "attention kernels (THD layout), which this CPU-first library does not use; use data_impl=jsonl"
+            "model.data.data_impl=packed_jsonl (NeMo-Aligner's offline-packed files) is not supported: use "
+            "data_impl=jsonl; to pack sequences (THD, no compute on padding) set model.dpo.packed_sequences=true"
         )
     if data_impl != "jsonl":
         raise ValueError(f"model.data.data_impl must be 'jsonl', got {data_impl!r}")

@@ -9,13 +9,19 @@ float32).
 
 Cases the fused call does not cover exactly fall back to megatron's implementation: attention dropout in
 training (megatron draws it from its own RNG tracker), a learned softmax offset, attention bias, a sliding window,
-packed sequences, and a query shorter than the keys without a mask other than the single-token decode step.
+and a query shorter than the keys without a mask other than the single-token decode step.
+
+Packed sequences (THD, ``packed_seq_params``, see ``packed_sequences.py``), which megatron's local attention
+refuses, are emulated: the ``[t, heads, d]`` tensors get a batch dimension of 1 and a block-diagonal causal mask
+built from ``cu_seqlens`` (attention inside each sequence only), then take the path above. The mask is ``[t, t]``:
+quadratic in the packed length, a correctness path for CPU, not a speed path (TransformerEngine's THD kernels are).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
@@ -33,13 +39,15 @@ class SDPADotProductAttention(DotProductAttention):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
+        if packed_seq_params is not None:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))  # [t, heads, d] -> [t, 1, heads, d]
+            attention_mask, packed_seq_params = thd_causal_mask(packed_seq_params), None
         sq, sk = query.shape[0], key.shape[0]
         if attention_mask is None and sq > 1 and (sq != sk or self.attn_mask_type != AttnMaskType.causal):
             fused = False  # megatron would build no causal mask here; keep its behaviour
         else:
             fused = (
                 attention_bias is None
-                and packed_seq_params is None
                 and self.softmax_offset is None
                 and self.config.window_size is None
                 and not (self.training and self.attention_dropout.p > 0)
@@ -56,3 +64,16 @@ class SDPADotProductAttention(DotProductAttention):
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal, scale=self.softmax_scale)
         # [b, heads, sq, d] -> [sq, b, heads * d]
         return context.permute(2, 0, 1, 3).reshape(sq, context.shape[0], self.hidden_size_per_partition)
+
+
+def thd_causal_mask(params: PackedSeqParams) -> torch.Tensor:
+    """``[1, 1, t, t]`` mask (True = blocked) of causal attention inside each ``cu_seqlens`` segment."""
+    if params.qkv_format != "thd" or params.cu_seqlens_q_padded is not None or params.cu_seqlens_kv_padded is not None:
+        raise NotImplementedError("SDPA core attention emulates unpadded THD packed sequences only")
+    cu_seqlens = params.cu_seqlens_q
+    if not torch.equal(cu_seqlens, params.cu_seqlens_kv):
+        raise NotImplementedError("SDPA core attention emulates self-attention THD (cu_seqlens_q == cu_seqlens_kv)")
+    lengths = cu_seqlens.diff().long()
+    segments = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+    causal = torch.ones(len(segments), len(segments), dtype=torch.bool, device=cu_seqlens.device).tril()
+    return ~(causal & (segments[:, None] == segments[None, :]))[None, None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
@@ -24,6 +25,11 @@ from nemo_aligner.losses.preference import (
 )
 from nemo_aligner.models.alignable_interface import SupervisedInterface
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, causal_attention_mask
+from nemo_aligner.models.nlp.gpt.packed_sequences import (
+    forward_packed_sequences,
+    pack_sequences,
+    resolve_packed_sequences,
+)
 from nemo_aligner.models.nlp.gpt.prefix_sharing import (
     forward_packed,
     pack_pairs,
@@ -36,6 +42,8 @@ from nemo_aligner.utils.logprobs import shifted_logprobs
 from nemo_aligner.utils.utils import cpu_weight_swap
 
 REFERENCE_STRATEGIES = ("precomputed", "cpu_weight_swap")
+
+logger = logging.getLogger(__name__)
 
 
 def response_logprob_sums(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
@@ -82,12 +90,17 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         if self.reference_strategy not in REFERENCE_STRATEGIES:
             key = f"model.{self.algorithm_key}.reference"
             raise ValueError(f"{key}={self.reference_strategy!r}; choose one of {REFERENCE_STRATEGIES}")
-        self.prefix_sharing = resolve_prefix_sharing(
-            settings.get("prefix_sharing", False),
-            f"model.{self.algorithm_key}.prefix_sharing",
-            cfg,
-            transformer_engine=self.transformer_config.attention_backend != AttnBackend.local,
+        transformer_engine = self.transformer_config.attention_backend != AttnBackend.local
+        key = f"model.{self.algorithm_key}"
+        self.packed_sequences = resolve_packed_sequences(
+            settings.get("packed_sequences", False), f"{key}.packed_sequences", cfg, transformer_engine
         )
+        prefix_sharing = settings.get("prefix_sharing", False)
+        if self.packed_sequences and prefix_sharing is not False:
+            # One layout per forward: packed sequences win (they also drop the padding on TransformerEngine).
+            logger.info("%s.packed_sequences=true: %s.prefix_sharing=%s is turned off", key, key, prefix_sharing)
+            prefix_sharing = False
+        self.prefix_sharing = resolve_prefix_sharing(prefix_sharing, f"{key}.prefix_sharing", cfg, transformer_engine)
         self.ref_policy_state_dict: dict[str, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ reference policy
@@ -211,11 +224,15 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
     def _pairs_forward(self, model_chunk, micro_batch: dict) -> tuple[torch.Tensor, Callable]:
         """One forward over a micro batch of pairs: the chunk's output, and a function from logits to the
         per-response log-prob sums and token counts ``[2b]`` (chosen then rejected). Unshared: chosen and rejected
-        rows concatenated; with ``prefix_sharing``: one packed row per pair (``prefix_sharing.py``)."""
+        rows concatenated; with ``prefix_sharing``: one packed row per pair (``prefix_sharing.py``); with
+        ``packed_sequences``: all 2b sequences in one THD row (``packed_sequences.py``)."""
         if self.prefix_sharing:
             packed = pack_pairs(micro_batch, self._pad_multiple_of())
             return forward_packed(model_chunk, packed), packed.response_logprob_sums
         tokens, mask = concat_pairs(micro_batch)
+        if self.packed_sequences:
+            thd = pack_sequences(tokens, mask, self._pad_multiple_of())
+            return forward_packed_sequences(model_chunk, thd), thd.response_logprob_sums
         return _forward(model_chunk, tokens), functools.partial(response_logprob_sums, tokens=tokens, mask=mask)
 
     # ------------------------------------------------------------------ loss
