@@ -43,6 +43,13 @@ def reduce_metric_sums(per_micro_batch: Iterable[Mapping[str, torch.Tensor]], ke
     return dict(zip(keys, totals.cpu().tolist()))
 
 
+def sequence_ends(mask: torch.Tensor) -> torch.Tensor:
+    """One past the last nonzero column of each row of ``mask`` ``[N, S]`` (1 for an all-zero row): where a
+    sequence's scored tokens end, i.e. the width it needs. ``[N]`` long."""
+    columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return ((mask > 0) * columns).amax(dim=1).clamp(min=1)
+
+
 def length_bucketed_micro_batches(
     batch: Mapping[str, torch.Tensor],
     micro_batch_size: int,

@@ -36,7 +36,7 @@ from nemo_aligner.models.nlp.gpt.prefix_sharing import (
     packed_lengths,
     resolve_prefix_sharing,
 )
-from nemo_aligner.utils.batching import length_bucketed_micro_batches, reduce_metric_sums
+from nemo_aligner.utils.batching import length_bucketed_micro_batches, reduce_metric_sums, sequence_ends
 from nemo_aligner.utils.distributed import broadcast_from_last_pipeline_stage
 from nemo_aligner.utils.logprobs import shifted_logprobs
 from nemo_aligner.utils.utils import cpu_weight_swap
@@ -128,32 +128,11 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
 
         Same micro batching and concatenation as training, so a frozen policy gives bit-identical values.
         """
-        was_training = self.training
-        self.eval()
         micro_batches, order = self._bucketed_pairs(batch, self.log_prob_micro_batch_size)
-
-        def forward_step(chunk, micro_batch):
-            output, logprob_sums = self._pairs_forward(chunk, micro_batch)
-
-            def loss_func(logits):
-                sums, _ = logprob_sums(logits)
-                return torch.zeros(()), torch.zeros((), dtype=torch.int), {"sums": sums}
-
-            return output, loss_func
-
-        outputs = self.forward_backward(
-            micro_batches,
-            num_microbatches=len(micro_batches),
-            forward_step=forward_step,
-            forward_only=True,
-            seq_length=batch["chosen"].shape[1],
-            micro_batch_size=2 * self.log_prob_micro_batch_size,  # chosen and rejected in one forward
-        )
-        self.train(was_training)
-        local = torch.cat([o["sums"] for o in outputs]) if outputs else None
-        sums = broadcast_from_last_pipeline_stage(local, (batch["chosen"].shape[0] * 2,)).cpu()
+        rows = 2 * self.log_prob_micro_batch_size  # chosen and rejected in one forward
+        sums = self._forward_only_sums(micro_batches, self._pairs_forward, batch["chosen"].shape[1], rows)
         chosen, rejected = [], []
-        for part in sums.split(2 * self.log_prob_micro_batch_size):
+        for part in sums.split(rows):
             half = part.shape[0] // 2
             chosen.append(part[:half])
             rejected.append(part[half:])
@@ -174,16 +153,28 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         padding = -count % rows
         tokens = torch.cat([tokens, tokens.new_zeros(padding, tokens.shape[1])])
         mask = torch.cat([mask, mask.new_zeros(padding, mask.shape[1])])
-        lengths = (mask * torch.arange(1, mask.shape[1] + 1)).amax(dim=1).long().clamp(min=1)
-        multiple_of = (self.cfg.get("data") or {}).get("pad_length_to_multiple_of")
         sequences = {"tokens": tokens, "mask": mask}
-        micro_batches, order = length_bucketed_micro_batches(sequences, rows, lengths, ("tokens", "mask"), multiple_of)
+        micro_batches, order = length_bucketed_micro_batches(
+            sequences, rows, sequence_ends(mask), ("tokens", "mask"), self._pad_multiple_of()
+        )
+
+        def forward(chunk, micro_batch):
+            sums = functools.partial(response_logprob_sums, tokens=micro_batch["tokens"], mask=micro_batch["mask"])
+            return _forward(chunk, micro_batch["tokens"]), sums
+
+        sums = self._forward_only_sums(micro_batches, forward, tokens.shape[1], rows)
+        return _unsort(sums, order)[:count]
+
+    def _forward_only_sums(self, micro_batches: list[dict], forward: Callable, seq_length: int, rows: int):
+        """Log-prob sums of every row of ``micro_batches`` (in order; ``rows`` per micro batch), in eval mode,
+        on every pipeline stage. ``forward(chunk, micro_batch)`` gives the output and the logits-to-sums function
+        (as :meth:`_pairs_forward`)."""
 
         def forward_step(chunk, micro_batch):
-            output = _forward(chunk, micro_batch["tokens"])
+            output, logprob_sums = forward(chunk, micro_batch)
 
             def loss_func(logits):
-                sums, _ = response_logprob_sums(logits, micro_batch["tokens"], micro_batch["mask"])
+                sums, _ = logprob_sums(logits)
                 return torch.zeros(()), torch.zeros((), dtype=torch.int), {"sums": sums}
 
             return output, loss_func
@@ -195,13 +186,12 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
             num_microbatches=len(micro_batches),
             forward_step=forward_step,
             forward_only=True,
-            seq_length=tokens.shape[1],
+            seq_length=seq_length,
             micro_batch_size=rows,
         )
         self.train(was_training)
         local = torch.cat([o["sums"] for o in outputs]) if outputs else None
-        sums = broadcast_from_last_pipeline_stage(local, (tokens.shape[0],)).cpu()
-        return _unsort(sums, order)[:count]
+        return broadcast_from_last_pipeline_stage(local, (len(micro_batches) * rows,)).cpu()
 
     def _bucketed_pairs(self, batch: dict, micro_batch_size: int) -> tuple[list[dict], torch.Tensor]:
         """Micro batches of pairs of similar length, trimmed to their longest sequence (see
@@ -213,8 +203,7 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         if self.prefix_sharing:
             lengths = packed_lengths(pairs)
         else:
-            response = torch.maximum(pairs["chosen_mask"], pairs["rejected_mask"])
-            lengths = (response * torch.arange(1, response.shape[1] + 1)).amax(dim=1).long().clamp(min=1)
+            lengths = sequence_ends(torch.maximum(pairs["chosen_mask"], pairs["rejected_mask"]))
         keys = ("chosen", "rejected", "chosen_mask", "rejected_mask")
         return length_bucketed_micro_batches(pairs, micro_batch_size, lengths, keys, self._pad_multiple_of())
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from nemo_aligner.utils.batching import sequence_ends
 from nemo_aligner.utils.logprobs import shifted_logprobs
 
 
@@ -64,7 +65,7 @@ def pack_sequences(tokens: torch.Tensor, mask: torch.Tensor, multiple_of: int | 
     token) into one row; ``T`` rounded up to ``multiple_of`` with a padding segment."""
     device = tokens.device
     tokens, mask = tokens.cpu(), mask.cpu()
-    lengths = ((mask > 0) * torch.arange(1, tokens.shape[1] + 1)).amax(dim=1).clamp(min=1)
+    lengths = sequence_ends(mask)
     pieces = [(tokens[i, :n], mask[i, :n].clone()) for i, n in enumerate(lengths.tolist())]
     for _, scored in pieces:
         scored[0] = 0  # a sequence's first token has no previous position of its own

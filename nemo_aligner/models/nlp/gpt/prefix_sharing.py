@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from megatron.core.utils import unwrap_model
 
+from nemo_aligner.utils.batching import sequence_ends
 from nemo_aligner.utils.logprobs import shifted_logprobs
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,10 @@ def _spans(chosen: torch.Tensor, rejected: torch.Tensor, chosen_mask: torch.Tens
     """Per pair: the branch start (= shared prefix length) and the end of each sequence (one past its last
     response token; 1 for a filler). ``[b]`` each."""
     width = chosen.shape[1]
-    columns = torch.arange(1, width + 1)
 
     def end_and_first(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scored = mask > 0
-        end = (scored * columns).amax(dim=1).clamp(min=1)
+        end = sequence_ends(mask)
         first = torch.where(scored.any(dim=1), scored.int().argmax(dim=1), end)
         return end, first
 
