@@ -36,14 +36,17 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from nemo_aligner.algorithms.base import BaseTrainer
-from nemo_aligner.algorithms.dpo import ReferenceLogprobs, compute_reference_logprobs, gather_reference_logprobs
 from nemo_aligner.data.nlp.dpo_dataset import DPOCollate, filler_pair_item
 from nemo_aligner.data.nlp.samplers import FILLER_INDEX, GlobalBatchSampler
-from nemo_aligner.utils.distributed import all_gather_data_parallel, is_global_rank_zero
+from nemo_aligner.models.nlp.gpt.reference import (
+    ReferenceLogprobs,
+    compute_reference_logprobs,
+    gather_reference_logprobs,
+)
+from nemo_aligner.utils.distributed import all_gather_data_parallel, gather_data_parallel_objects, is_global_rank_zero
 from nemo_aligner.utils.exp_manager import PreemptionHandler
 from nemo_aligner.utils.kill_points import kill_point
 from nemo_aligner.utils.timers import PhaseTimers
-from nemo_aligner.utils.utils import retrieve_model_state_dict_in_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +117,13 @@ class SPINTrainer(BaseTrainer):
     ``rollout_dir`` (where rollouts persist), ``seed``.
     """
 
-    def __init__(self, *args, sft_dataset=None, rollout_dir: Path | None = None, seed: int = 1234, **kwargs):
+    def __init__(self, *args, sft_dataset=None, rollout_dir: Path | None = None, seed: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.sft_dataset = sft_dataset
         self.rollout_dir = Path(rollout_dir) if rollout_dir else None
         self.seed = seed
         self.iteration = 0
         self.base_sampler_seed = self.train_dataloader.batch_sampler.seed
-        self.reference: ReferenceLogprobs | None = None
         self.rollout_stats: dict[str, float] = {}
         self.timers = PhaseTimers()
 
@@ -133,11 +135,6 @@ class SPINTrainer(BaseTrainer):
     @property
     def steps_per_iteration(self) -> int:
         return int(self.cfg.get("max_epochs", 1)) * self.steps_per_epoch
-
-    def _compute_max_steps(self) -> int:
-        total = int(self.cfg.get("max_iterations", 1)) * int(self.cfg.get("max_epochs", 1)) * self.steps_per_epoch
-        max_steps = int(self.cfg.get("max_steps", -1) or -1)
-        return total if max_steps < 0 else min(max_steps, total)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "iteration": self.iteration}
@@ -186,8 +183,7 @@ class SPINTrainer(BaseTrainer):
         """The policy becomes the reference; the next iteration starts at the beginning of its data."""
         self.iteration += 1
         self.consumed_samples = 0
-        if self.model.ref_policy_state_dict is not None:
-            self.model.ref_policy_state_dict = retrieve_model_state_dict_in_cpu(self.model)
+        self.model.reference.refresh(self.model)
         kill_point("before_iteration_end")
         if self.ckpt_callback is not None and self.iteration < self.max_iterations and self.step < self.max_steps:
             self.save()
@@ -245,32 +241,29 @@ class SPINTrainer(BaseTrainer):
     def reference_from_generation(self) -> bool:
         """Whether the generated responses' reference log-probs are taken from generation (see the module doc).
 
-        Only where that is the same quantity: the precomputed strategy (the generating weights are the reference;
-        not with LoRA, whose reference is the base model) and no BOS added to generation prompts (training pairs
-        have none). The values equal a forward pass's up to float rounding (a KV-cached decode multiplies other
-        shapes), so ``false`` keeps the policy and reference of a step bit-identical at the start of an iteration.
+        Only where that is the same quantity: a precomputed reference scored with the current weights (the
+        generating weights are the reference; not with LoRA, whose reference is the base model) and no BOS added
+        to generation prompts (training pairs have none). The values equal a forward pass's up to float rounding
+        (a KV-cached decode multiplies other shapes), so ``false`` keeps the policy and reference of a step
+        bit-identical at the start of an iteration.
         """
         return (
             bool(self.model.spin_config.get("reference_from_generation", True))
-            and self.model.reference_strategy == "precomputed"
-            and getattr(self.model, "lora_adapters_disabled", None) is None
+            and self.model.reference.precomputed
+            and self.model.reference.scores_current_weights
             and not self.model.spin_config.sampling_params.get("add_BOS", False)
         )
 
     def finish_rollout(self, rollout: dict[str, Any]) -> dict[str, Any]:
         """Reference log-probs of every pair the rollout built (precomputed strategy); back to training mode."""
         self.use_rollout(rollout, with_reference=False)
-        if self.model.reference_strategy == "precomputed":
+        if self.model.reference.precomputed:
             with self.timers("reference"):
                 if "generated_logprob_sums" in rollout:
                     table = self._reference_with_generation_logprobs(rollout)
                 else:
                     table = compute_reference_logprobs(self.model, self._scoring_batches())
-            rollout["reference"] = {
-                "sample_index": table.sample_index,
-                "chosen": table.chosen,
-                "rejected": table.rejected,
-            }
+            rollout["reference"] = table.state()
         self.model.train()
         self.model.onload_adam_states()
         return rollout
@@ -289,7 +282,7 @@ class SPINTrainer(BaseTrainer):
         scored_rejected = torch.tensor([i not in from_generation for i in mine])
         tokens = torch.cat([batch["chosen"], batch["rejected"][scored_rejected]])
         mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"][scored_rejected]])
-        sums = self.model.get_sequence_logprob_sums(tokens, mask).float()
+        sums = self.model.get_sequence_logprob_sums(tokens, mask).float().cpu()  # joins CPU values, then gathered
         kill_point("reference_logprobs")
         rejected = torch.tensor([from_generation.get(i, 0.0) for i in mine], dtype=torch.float32)
         rejected[scored_rejected] = sums[len(mine) :]
@@ -340,8 +333,7 @@ class SPINTrainer(BaseTrainer):
     def activate_rollout(self, rollout: Mapping[str, Any]) -> None:
         """The rollout's reference log-probs become the training reference; its statistics and samples are logged."""
         if "reference" in rollout:
-            ref = rollout["reference"]
-            self.reference = ReferenceLogprobs(ref["sample_index"], ref["chosen"], ref["rejected"])
+            self.model.reference.set_table("train", ReferenceLogprobs.from_state(rollout["reference"]))
         if self.consumed_samples == 0:  # logged once, when the iteration starts (not again by a resumed run)
             self.log(self.rollout_stats, self.metric_prefix_train)
             self._log_samples(rollout)
@@ -359,8 +351,8 @@ class SPINTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ steps
     def prepare_batch(self, batch: dict, training: bool) -> dict:
-        if training and self.reference is not None and self.model.reference_strategy == "precomputed":
-            return self.reference.attach(batch)
+        if training and self.model.reference.precomputed:
+            return self.model.reference.attach(batch, "train")
         return batch
 
     def train_single_step(self, batch: dict) -> dict[str, float]:
@@ -390,11 +382,7 @@ class SPINTrainer(BaseTrainer):
 
 def _gather_dicts(local: dict) -> dict:
     """Union of every data-parallel rank's dict."""
-    if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
-        return local
-    gathered = [None] * parallel_state.get_data_parallel_world_size()
-    dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
     merged: dict = {}
-    for part in gathered:
+    for part in gather_data_parallel_objects(local):
         merged.update(part)
     return merged

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from nemo_aligner.models.alignable_interface import SupervisedInterface
-from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, causal_attention_mask
+from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, forward_tokens
 from nemo_aligner.utils.batching import reduce_metric_sums, split_into_micro_batches
 from nemo_aligner.utils.logprobs import shifted_logprobs
 
@@ -23,6 +23,7 @@ class GPTSFTModel(MegatronGPTModel, SupervisedInterface):
     """A GPT trained on answer tokens only; the loss is the mean over every scored token of the global batch."""
 
     def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
+        batch = self.to_model_device(batch)
         micro_batch_size = self.cfg.get("micro_batch_size") or batch["input_ids"].shape[0]
         micro_batches = split_into_micro_batches(batch, micro_batch_size)
         outputs = self.forward_backward(
@@ -39,11 +40,7 @@ class GPTSFTModel(MegatronGPTModel, SupervisedInterface):
 
     def _forward_step(self, model_chunk, micro_batch: dict):
         input_ids = micro_batch["input_ids"]
-        output = model_chunk(
-            input_ids=input_ids,
-            position_ids=torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids),
-            attention_mask=causal_attention_mask(input_ids.shape[1], input_ids.device),
-        )
+        output = forward_tokens(model_chunk, input_ids)
 
         def loss_func(logits: torch.Tensor):
             loss_sum, num_tokens = masked_token_nll(shifted_logprobs(logits, input_ids), micro_batch["loss_mask"])
