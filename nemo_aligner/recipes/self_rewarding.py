@@ -7,7 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig
 
-from nemo_aligner.algorithms.self_rewarding import SelfRewardingPairsDataset, SelfRewardingTrainer
+from nemo_aligner.algorithms.self_rewarding import SelfRewardingTrainer
+from nemo_aligner.data.nlp.pairs import SelfRewardingPairsDataset
 from nemo_aligner.judges import (
     judge_prompt_template,
     judge_reward_regex,
@@ -15,7 +16,7 @@ from nemo_aligner.judges import (
     meta_judge_prompt_template,
     meta_judge_reward_regex,
 )
-from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSPINModel
+from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSelfRewardingModel
 from nemo_aligner.recipes.common import assemble, config_view, start_run
 from nemo_aligner.recipes.spin import build_spin_data, start_reference, validate_spin_config
 from nemo_aligner.utils.config import model_seed
@@ -33,7 +34,7 @@ def run(cfg: DictConfig) -> None:
     assemble(
         started,
         SelfRewardingTrainer,
-        MegatronGPTSPINModel,
+        MegatronGPTSelfRewardingModel,
         data,
         configure_model=start_reference,
         sft_dataset=data.sft_train_dataset,

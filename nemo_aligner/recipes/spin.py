@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from nemo_aligner.algorithms.spin import SPINBatchSampler, SPINPairsDataset, SPINTrainer, spin_custom_collate
+from nemo_aligner.algorithms.spin import SPINTrainer, spin_custom_collate
 from nemo_aligner.data.nlp.builders import (
     build_collate,
     build_dataloader,
@@ -17,6 +17,7 @@ from nemo_aligner.data.nlp.builders import (
 )
 from nemo_aligner.data.nlp.collate import resolve_pad_id
 from nemo_aligner.data.nlp.jsonl import check_global_batch_fits
+from nemo_aligner.data.nlp.pairs import SPINBatchSampler, SPINPairsDataset
 from nemo_aligner.generation import LengthParams, SamplingParams
 from nemo_aligner.losses.preference import PREFERENCE_LOSSES
 from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSPINModel

@@ -242,3 +242,11 @@ def gather_data_parallel_objects(local: Any) -> list[Any]:
     gathered = [None] * parallel_state.get_data_parallel_world_size()
     dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
     return gathered
+
+
+def union_over_data_parallel(local: dict) -> dict:
+    """Every data-parallel rank's dict merged into one (each rank holds different keys)."""
+    merged: dict = {}
+    for part in gather_data_parallel_objects(local):
+        merged.update(part)
+    return merged

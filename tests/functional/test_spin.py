@@ -243,7 +243,7 @@ def test_mixing_previous_generations_trains_on_both_iterations(tmp_path, tiny_sf
     """With mix_previous_generations iteration 2 draws prompt i together with its iteration-1 pair (index N + i)."""
     import torch as _torch
 
-    from nemo_aligner.algorithms.spin import SPINBatchSampler
+    from nemo_aligner.data.nlp.pairs import SPINBatchSampler
 
     spin_main(
         spin_config(

@@ -17,17 +17,20 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from nemo_aligner.models.nlp.gpt.gpt_sft_model import GPTSFTModel
+from nemo_aligner.models.nlp.gpt.gpt_sft_model import SFTLoss
 from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel, concat_pairs
 from nemo_aligner.models.nlp.gpt.reference import REFERENCE_PREFIX
+from nemo_aligner.utils.optimizer_state import torch_optimizer_states
 from nemo_aligner.utils.utils import cpu_weight_swap
 
 
-class MegatronGPTSPINModel(MegatronGPTDPOModel):
-    """GPT trained by SPIN (keys under ``model.spin``); metrics name the pair sides ``actual`` and ``generated``."""
+class MegatronGPTSPINModel(SFTLoss, MegatronGPTDPOModel):
+    """GPT trained by SPIN (keys under ``model.spin``); metrics name the pair sides ``actual`` and ``generated``
+    (``pair_sides``); validation is the SFT loss (:class:`SFTLoss`)."""
 
     algorithm_key = "spin"
     reference_in_checkpoints = True  # the reference moves every iteration
+    pair_sides = ("actual", "generated")
 
     def __init__(self, cfg: DictConfig, trainer=None, tokenizer=None):
         super().__init__(cfg, trainer, tokenizer=tokenizer)
@@ -51,18 +54,13 @@ class MegatronGPTSPINModel(MegatronGPTDPOModel):
     # ------------------------------------------------------------------ losses
     def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
         loss, metrics = super().get_loss_and_metrics(batch, forward_only)
-        metrics["rewards_actual_mean"] = metrics.pop("rewards_chosen_mean")
-        metrics["rewards_generated_mean"] = metrics.pop("rewards_rejected_mean")
-        return loss, metrics
+        chosen, rejected = self.pair_sides
+        names = {"rewards_chosen_mean": f"rewards_{chosen}_mean", "rewards_rejected_mean": f"rewards_{rejected}_mean"}
+        return loss, {names.get(key, key): value for key, value in metrics.items()}
 
     def get_loss_and_metrics_vanilla_sft(self, batch: dict, forward_only: bool = True) -> tuple[float, dict]:
         """Plain SFT NLL of the ground truth (SPIN's validation: no generation needed)."""
-        return GPTSFTModel.get_loss_and_metrics(self, batch, forward_only)
-
-    def _forward_step(self, model_chunk, micro_batch: dict):
-        if "loss_mask" in micro_batch:  # an SFT batch (validation)
-            return GPTSFTModel._forward_step(self, model_chunk, micro_batch)
-        return super()._forward_step(model_chunk, micro_batch)
+        return self.sft_loss_and_metrics(batch, forward_only)
 
     @torch.no_grad()
     def get_ref_policy_logprobs(self, batch: dict) -> torch.Tensor:
@@ -84,7 +82,7 @@ class MegatronGPTSPINModel(MegatronGPTDPOModel):
         if not self.offload_adam or self._offloaded_optimizer_state is not None or not hasattr(self, "optimizer"):
             return
         saved = []
-        for state in _torch_optimizer_states(self.optimizer):
+        for state in torch_optimizer_states(self.optimizer):
             for tensor in state.values():
                 if isinstance(tensor, torch.Tensor) and tensor.dim() > 0:
                     saved.append((tensor, tensor.device, tensor.to("cpu", copy=True)))
@@ -103,14 +101,10 @@ class MegatronGPTSPINModel(MegatronGPTDPOModel):
         return {"ref_policy_kl_penalty": self.ref_policy_kl_penalty}
 
 
-def _torch_optimizer_states(optimizer) -> list[dict]:
-    """Per-parameter state dicts of the torch optimizers inside a megatron (chained/distributed) optimizer."""
-    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    states = []
-    for one in inner:
-        torch_optimizer = getattr(one, "optimizer", one)
-        states.extend(torch_optimizer.state.values())
-    return states
+class MegatronGPTSelfRewardingModel(MegatronGPTSPINModel):
+    """The SPIN model as Self-Rewarding trains it: judged pairs, whose sides are ``chosen`` and ``rejected``."""
+
+    pair_sides = ("chosen", "rejected")
 
 
-__all__ = ["REFERENCE_PREFIX", "MegatronGPTSPINModel", "cpu_weight_swap"]
+__all__ = ["REFERENCE_PREFIX", "MegatronGPTSPINModel", "MegatronGPTSelfRewardingModel", "cpu_weight_swap"]
