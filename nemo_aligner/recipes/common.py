@@ -155,6 +155,8 @@ def validate_common(checker: ConfigChecker, loop: str, world_size: int) -> int:
     elif restore:
         check_checkpoint_architecture(checker, "model", restore)
     check_resume_checkpoint(checker)
+    if loop != "dpo" and (checker.get("model.peft.peft_scheme") or "none") != "none":
+        checker.add("model.peft.peft_scheme", f"LoRA is supported by DPO only, not by trainer.{loop}: set it to none")
     max_time = checker.get("exp_manager.max_time_per_run")
     if max_time is not None:
         try:

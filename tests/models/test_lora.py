@@ -352,3 +352,17 @@ def test_tp2_adapters_match_tp1_forward_backward_merge_and_checkpoints(tmp_path)
     merged_tp2 = load_from_nemo(MegatronGPTModel, tp1_cfg, restore_path=merged_path).model_state_dict_in_cpu()
     for key, value in model.model_state_dict_in_cpu().items():
         assert (merged_tp2[key] - value).abs().max() <= 1e-6, key  # B @ A per shard: rounding at most
+
+
+def test_a_nemo_file_never_brings_adapters(tmp_path):
+    """A LoRA run's .nemo holds plain weights; its config's peft section must not add adapters when it is read."""
+    model = _with_lora(_base_model(), _peft(target_modules=["all"], row_init_method="normal"))
+    model.save_to(tmp_path / "base.nemo")
+    with nemo_file.open_nemo(tmp_path / "base.nemo", with_weights=False) as unpacked:
+        assert nemo_file.read_model_config(unpacked).peft.peft_scheme == "lora"
+    restored = MegatronGPTModel.restore_from(tmp_path / "base.nemo")
+    assert not lora_adapters(restored) and all(p.requires_grad for p in restored.parameters())
+    assert "peft" not in load_and_override_model_config(tmp_path / "base.nemo", {"seed": 7})
+    asked = _lora_from(tmp_path / "base.nemo", _peft(target_modules=["attention_qkv"]))
+    layers = range(restored.cfg.num_layers)
+    assert set(lora_adapters(asked)) == {f"decoder.layers.{i}.self_attention.linear_qkv.adapter" for i in layers}

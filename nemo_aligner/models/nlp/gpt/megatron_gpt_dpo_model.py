@@ -192,7 +192,8 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
 
             def loss_func(logits):
                 sums, _ = logprob_sums(logits)
-                return torch.zeros(()), torch.zeros((), dtype=torch.int), {"sums": sums}
+                zero = torch.zeros((), device=sums.device)
+                return zero, zero.to(torch.int), {"sums": sums}
 
             return output, loss_func
 

@@ -335,8 +335,6 @@ class MegatronGPTModel(LightningModule):
     def _config_and_artifacts_for_saving(self) -> tuple[DictConfig, dict[str, str]]:
         """The config to store and the tokenizer files that travel with it as ``nemo:`` artifacts."""
         cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
-        if (cfg.get("peft") or {}).get("peft_scheme", "none") != "none":
-            cfg.peft.peft_scheme = "none"  # the file holds a plain model (base, or merged): no adapters to build
         artifacts: dict[str, str] = {}
         tokenizer_cfg = cfg.get("tokenizer") or {}
         for key in ("model", "vocab_file", "merge_file", "type"):
@@ -377,7 +375,9 @@ class MegatronGPTModel(LightningModule):
             stored_cfg = nemo_file.read_model_config(unpacked)
             if return_config:
                 return stored_cfg
-            cfg = _as_config(override_config_path) if override_config_path is not None else stored_cfg
+            cfg = (
+                _as_config(override_config_path) if override_config_path is not None else plain_model_config(stored_cfg)
+            )
             artifact_dir = tempfile.mkdtemp(prefix="nemo_aligner_artifacts_")
             cfg = _with_owned_artifacts(cfg, unpacked, artifact_dir)
             layout = nemo_file.detect_weights_layout(unpacked)
@@ -414,6 +414,17 @@ class MegatronGPTModel(LightningModule):
                 f"{source}: the stored weights do not fit the model built from its config "
                 f"(architecture or shape mismatch): {err}"
             ) from err
+
+
+def plain_model_config(checkpoint_cfg: DictConfig) -> DictConfig:
+    """A checkpoint's model config without its ``peft`` section: a ``.nemo`` holds plain weights (a LoRA run writes
+    its base or merged model), so building from it must not add adapters; a run that wants them says so."""
+    if "peft" not in checkpoint_cfg:
+        return checkpoint_cfg
+    cfg = checkpoint_cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("peft")
+    return cfg
 
 
 def _with_stored_vocab_size(cfg: DictConfig, weights_dir: Path) -> DictConfig:
