@@ -105,11 +105,15 @@ class BaseTrainer:
         self.last_val_metrics: dict[str, float] = {}
 
     # ------------------------------------------------------------------ schedule
+    @property
+    def steps_per_iteration(self) -> int:
+        """``max_epochs`` x steps per epoch (the whole run, unless iterations repeat it: SPIN, Self-Rewarding)."""
+        return int(self.cfg.get("max_epochs", 1)) * self.steps_per_epoch
+
     def _compute_max_steps(self) -> int:
-        """The run's number of optimizer steps (the LR schedule spans it): ``max_iterations`` (SPIN,
-        Self-Rewarding; else 1) x ``max_epochs`` x steps per epoch, capped by ``max_steps``."""
-        iterations = int(self.cfg.get("max_iterations", 1))
-        by_epochs = iterations * int(self.cfg.get("max_epochs", 1)) * self.steps_per_epoch
+        """The run's number of optimizer steps (the LR schedule spans it): ``max_iterations`` (else 1) x
+        :attr:`steps_per_iteration`, capped by ``max_steps``."""
+        by_epochs = int(self.cfg.get("max_iterations", 1)) * self.steps_per_iteration
         max_steps = int(self.cfg.get("max_steps", -1) or -1)
         return by_epochs if max_steps < 0 else min(max_steps, by_epochs)
 

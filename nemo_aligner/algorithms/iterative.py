@@ -63,10 +63,6 @@ class IterativeTrainer(BaseTrainer):
     def max_iterations(self) -> int:
         return int(self.cfg.get("max_iterations", 1))
 
-    @property
-    def steps_per_iteration(self) -> int:
-        return int(self.cfg.get("max_epochs", 1)) * self.steps_per_epoch
-
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "iteration": self.iteration}
 
