@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 # The distributed optimizer's state is saved in a layout-independent form, so a run resumes at any TP/PP/DP.
 OPTIMIZER_CHECKPOINT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Key of a trainer state that names the checkpoint it was read from (train_script_utils' resume entries).
+RESUME_PATH_KEY = "resume_path"
 
 
 def limited(total: int, limit: float | int | None) -> int:
@@ -39,6 +41,19 @@ def limited(total: int, limit: float | int | None) -> int:
     if isinstance(limit, float) and limit <= 1.0:
         return int(math.floor(total * limit)) if limit < 1.0 else total
     return min(total, int(limit))
+
+
+def epoch_steps(cfg: Mapping[str, Any], full_epoch_steps: int) -> int:
+    """Optimizer steps per epoch: the sampler's, limited by ``limit_train_batches``."""
+    return max(limited(full_epoch_steps, cfg.get("limit_train_batches", 1.0)), 1)
+
+
+def planned_max_steps(cfg: Mapping[str, Any], steps_per_epoch: int) -> int:
+    """The run's number of optimizer steps (the LR schedule spans it): ``max_iterations`` (else 1) x ``max_epochs``
+    x ``steps_per_epoch``, capped by ``max_steps``."""
+    by_epochs = int(cfg.get("max_iterations", 1)) * int(cfg.get("max_epochs", 1)) * steps_per_epoch
+    max_steps = int(cfg.get("max_steps", -1) or -1)
+    return by_epochs if max_steps < 0 else min(max_steps, by_epochs)
 
 
 def any_rank(flag: bool) -> bool:
@@ -90,6 +105,8 @@ class BaseTrainer:
         self.test_dataloader = test_dataloader
         self.logger = logger
         self.ckpt_callback = ckpt_callback
+        if ckpt_callback is not None and ckpt_callback.state_fn is None:
+            ckpt_callback.state_fn = self.checkpoint_state  # made before the loop (add_custom_checkpoint_callback)
         self.run_timer = run_timer or RunTimer(None)
 
         self.step = 0
@@ -97,8 +114,8 @@ class BaseTrainer:
         sampler = train_dataloader.batch_sampler
         self.global_batch_size = sampler.global_batch_size
         self.full_epoch_steps = sampler.steps_per_epoch
-        self.steps_per_epoch = max(limited(self.full_epoch_steps, cfg.get("limit_train_batches", 1.0)), 1)
-        self.max_steps = self._compute_max_steps()
+        self.steps_per_epoch = epoch_steps(cfg, self.full_epoch_steps)
+        self.max_steps = planned_max_steps(cfg, self.steps_per_epoch)
         self.val_check_interval = self._compute_interval(cfg.get("val_check_interval", 1.0))
         self.save_interval = int(cfg.get("save_interval") or self.val_check_interval)
         self.val_batches = limited(len(val_dataloader), cfg.get("limit_val_batches", 1.0)) if val_dataloader else 0
@@ -109,13 +126,6 @@ class BaseTrainer:
     def steps_per_iteration(self) -> int:
         """``max_epochs`` x steps per epoch (the whole run, unless iterations repeat it: SPIN, Self-Rewarding)."""
         return int(self.cfg.get("max_epochs", 1)) * self.steps_per_epoch
-
-    def _compute_max_steps(self) -> int:
-        """The run's number of optimizer steps (the LR schedule spans it): ``max_iterations`` (else 1) x
-        :attr:`steps_per_iteration`, capped by ``max_steps``."""
-        by_epochs = int(self.cfg.get("max_iterations", 1)) * self.steps_per_iteration
-        max_steps = int(self.cfg.get("max_steps", -1) or -1)
-        return by_epochs if max_steps < 0 else min(max_steps, by_epochs)
 
     def _compute_interval(self, value: float | int) -> int:
         """An int counts steps; a float in (0, 1] is a fraction of an epoch (NeMo's val_check_interval)."""
@@ -132,6 +142,11 @@ class BaseTrainer:
         return {"step": self.step, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Loop counters; a state from ``retrieve_custom_trainer_state_dict`` (NeMo-Aligner's resume) names its
+        checkpoint, and the whole checkpoint (weights, optimizer, schedule, counters) is restored from it."""
+        if RESUME_PATH_KEY in state:
+            self.resume_from(state[RESUME_PATH_KEY])
+            return
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
 

@@ -11,13 +11,15 @@ them per step in the model.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
 from nemo_aligner.algorithms.base import BaseTrainer
+from nemo_aligner.data.nlp.collate import refuse_unsupported_layout_flags
+from nemo_aligner.data.nlp.dpo_dataset import DPOCollate
 from nemo_aligner.models.nlp.gpt.reference import (  # noqa: F401 (names this module has always offered)
     ReferenceLogprobs,
     checkpoint_identity,
@@ -64,6 +66,23 @@ def _all_ranks_seen(seen: set[int]) -> set[int]:
     return set().union(*gather_data_parallel_objects(seen))
 
 
+def dpo_custom_collate(
+    batch: Sequence[Mapping[str, Any]],
+    eos_id: int,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+    pad_length_to_multiple_of: int | None = None,
+) -> dict:
+    """NeMo-Aligner's DPO collate function: a thin entry to :class:`~nemo_aligner.data.nlp.dpo_dataset.DPOCollate`
+    (padding with ``eos_id``), so the batch has this package's keys (``chosen``, ``rejected``, their masks, ...).
+    The three flags must be false (:func:`~nemo_aligner.data.nlp.collate.refuse_unsupported_layout_flags`)."""
+    refuse_unsupported_layout_flags(
+        reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss
+    )
+    return DPOCollate(eos_id, pad_length_to_multiple_of)(batch)
+
+
 def load_or_compute_reference(
     model, batches: Iterable[Mapping[str, Any]], cache_path: Path | None
 ) -> ReferenceLogprobs:
@@ -81,7 +100,18 @@ def load_or_compute_reference(
 
 
 class DPOTrainer(BaseTrainer):
-    """The shared loop; with a precomputed reference policy its values are attached to every batch."""
+    """The shared loop; with a precomputed reference policy its values are attached to every batch.
+
+    ``collate_fn`` (NeMo-Aligner's argument): when given, both dataloaders collate with it (its scripts build them
+    with ``identity_collate`` and pass ``partial(dpo_custom_collate, ...)`` here).
+    """
+
+    def __init__(self, *args, collate_fn=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if collate_fn is not None:
+            for loader in (self.train_dataloader, self.val_dataloader):
+                if loader is not None:
+                    loader.collate_fn = collate_fn
 
     def precompute_reference(self, cache_dir: Path | None, settings: Mapping[str, Any]) -> None:
         """Score the precomputed reference's train and validation tables with the initial weights (before a resumed

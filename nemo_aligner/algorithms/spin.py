@@ -26,7 +26,7 @@ does (off by default; NeMo-Aligner never did).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from megatron.core import parallel_state
 from omegaconf import OmegaConf
 
 from nemo_aligner.algorithms.iterative import IterativeTrainer
+from nemo_aligner.data.nlp.collate import refuse_unsupported_layout_flags
 from nemo_aligner.data.nlp.dpo_dataset import DPOCollate
 from nemo_aligner.models.nlp.gpt.reference import ReferenceLogprobs, gather_reference_logprobs
 from nemo_aligner.utils.distributed import all_gather_data_parallel, union_over_data_parallel
@@ -42,8 +43,21 @@ from nemo_aligner.utils.seeds import sample_seed
 
 logger = logging.getLogger(__name__)
 
-spin_custom_collate = DPOCollate
-"""Collates SPIN pairs (actual = chosen, generated = rejected) into one batch (NeMo-Aligner's name)."""
+
+def spin_custom_collate(
+    batch: Sequence[Mapping[str, Any]],
+    eos_id: int,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+    eod_mask_loss: bool = False,
+) -> dict:
+    """NeMo-Aligner's SPIN collate function: SPIN pairs (actual = chosen, generated = rejected, as
+    :class:`~nemo_aligner.data.nlp.pairs.SPINPairsDataset` gives them) padded with ``eos_id`` into one batch; a thin
+    entry to :class:`~nemo_aligner.data.nlp.dpo_dataset.DPOCollate`. The flags must be false."""
+    refuse_unsupported_layout_flags(
+        reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask, eod_mask_loss=eod_mask_loss
+    )
+    return DPOCollate(eos_id)(batch)
 
 
 class SPINTrainer(IterativeTrainer):

@@ -73,6 +73,8 @@ def resolve_and_create_trainer(cfg: DictConfig, pop_trainer_key: str) -> Trainer
         )
     finally:
         banner.setLevel(level)
+    # The run config, for NeMo-Aligner's train_script_utils entries that receive only the trainer.
+    trainer.aligner_run_cfg, trainer.aligner_loop_key = cfg, pop_trainer_key
     _launch_and_initialize(trainer)
     return trainer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from nemo_aligner.algorithms.spin import SPINTrainer, spin_custom_collate
+from nemo_aligner.algorithms.spin import SPINTrainer
 from nemo_aligner.data.nlp.builders import (
     build_collate,
     build_dataloader,
@@ -16,6 +16,7 @@ from nemo_aligner.data.nlp.builders import (
     num_samples_for,
 )
 from nemo_aligner.data.nlp.collate import resolve_pad_id
+from nemo_aligner.data.nlp.dpo_dataset import DPOCollate
 from nemo_aligner.data.nlp.jsonl import check_global_batch_fits
 from nemo_aligner.data.nlp.pairs import SPINBatchSampler, SPINPairsDataset
 from nemo_aligner.generation import LengthParams, SamplingParams
@@ -119,7 +120,7 @@ def build_spin_data(
         drop_last=bool(train_cfg.get("drop_last", True)),
         **layout,
     )
-    collate = spin_custom_collate(resolve_pad_id(tokenizer), None, int(model_cfg.encoder_seq_length))
+    collate = DPOCollate(resolve_pad_id(tokenizer), None, int(model_cfg.encoder_seq_length))
     return TrainingData(
         tokenizer=tokenizer,
         train_dataloader=build_dataloader(pairs, train_sampler, collate, {"num_workers": 0}),

@@ -78,7 +78,13 @@ def exp_manager(trainer, cfg: DictConfig | Mapping[str, Any] | None) -> Experime
     if csv_logger is not None and is_global_rank_zero():
         rows = trainer_checkpoint.read_trainer_state(resume_path).get(METRICS_ROWS_KEY) if resume_path else 0
         csv_logger.truncate(rows)
-    return Experiment(log_dir, checkpoint_dir, resume_path, cfg.get("name") or "megatron_gpt", csv_logger)
+    experiment = Experiment(log_dir, checkpoint_dir, resume_path, cfg.get("name") or "megatron_gpt", csv_logger)
+    # NeMo-Aligner's scripts ignore the return value and read the resume point from the trainer
+    # (``trainer.ckpt_path``); the train_script_utils entries find the experiment there too.
+    trainer.aligner_experiment = experiment
+    if resume_path is not None:
+        trainer.ckpt_path = str(resume_path)
+    return experiment
 
 
 def build_loggers(cfg: DictConfig, log_dir: Path) -> list:

@@ -27,15 +27,21 @@ def load_and_override_model_config(
 ) -> DictConfig:
     """The checkpoint's model config with the user's config merged on top (user keys win).
 
-    Architecture keys the user leaves out (``num_layers``, ``encoder_seq_length``, ``tokenizer``, ...) come from
-    the checkpoint, so an algorithm config only needs to name what it changes.
+    Architecture keys the user leaves out (``num_layers``, ``tokenizer``, ...) come from the checkpoint, so an
+    algorithm config only needs to name what it changes; ``encoder_seq_length`` always comes from the checkpoint
+    (the algorithm configs' value is a placeholder), as in the recipes. Interpolations such as
+    ``precision: ${trainer.precision}`` stay unresolved: assign the result back to ``cfg.model`` (NeMo-Aligner's
+    scripts do) and they resolve against the whole config; :func:`load_from_nemo` resolves them too.
     """
     checkpoint_cfg = load_checkpoint_model_config(restore_path)
     if remove_meta_info:
         with open_dict(checkpoint_cfg):
             for key in _META_KEYS:
                 checkpoint_cfg.pop(key, None)
-    return merge_over_checkpoint_config(checkpoint_cfg, model_cfg_to_overwrite)
+    merged = merge_over_checkpoint_config(checkpoint_cfg, model_cfg_to_overwrite)
+    if "encoder_seq_length" in checkpoint_cfg:
+        merged.encoder_seq_length = checkpoint_cfg.encoder_seq_length
+    return merged
 
 
 def merge_over_checkpoint_config(checkpoint_cfg: DictConfig, user_cfg: DictConfig | dict) -> DictConfig:
@@ -66,18 +72,24 @@ def load_from_nemo(
     modify_config_fn: Callable[[DictConfig, DictConfig], DictConfig] | None = None,
     restore_path: str | Path | None = None,
     return_updated_cfg: bool = False,
+    load_base_model_only: bool = False,
     **model_kwargs: Any,
 ):
     """Restore ``cls`` from ``restore_path`` using ``model_cfg`` as the model config.
 
     With ``modify_config_fn(checkpoint_cfg, model_cfg)`` the config used is what that function returns (e.g.
     :func:`load_and_override_model_config`-style merging). Returns the model, or ``(model, cfg)`` with
-    ``return_updated_cfg=True``.
+    ``return_updated_cfg=True``. ``model_cfg`` may be ``cfg.model`` of a full run config: its interpolations
+    (``${trainer.precision}``) are resolved against that config first. ``load_base_model_only`` (NeMo-Aligner's
+    flag to skip a checkpoint's LoRA adapters) changes nothing here: a ``.nemo`` never brings adapters.
     """
+    del load_base_model_only  # always the base model: adapters come only from the run's own model.peft
     if restore_path is None:
         raise ValueError("load_from_nemo: restore_path must name a .nemo file or directory")
     if not Path(restore_path).exists():
         raise FileNotFoundError(f"load_from_nemo: checkpoint not found: {restore_path}")
+    if isinstance(model_cfg, DictConfig) and model_cfg._get_parent() is not None:
+        model_cfg = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
     if modify_config_fn is not None:
         model_cfg = modify_config_fn(load_checkpoint_model_config(restore_path), model_cfg)
     model = cls.restore_from(

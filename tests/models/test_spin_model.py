@@ -54,7 +54,7 @@ def two_pairs(tmp_path):
     tok = model.tokenizer
     end = tok.text_to_ids("\n<extra_id_1>")
     pairs.generated = {0: (tok.text_to_ids("4") + end, True), 1: (list(sft.prompt_and_answer(1)[1]), False)}
-    batch = spin_custom_collate(tok.eos_id)([pairs[0], pairs[1]])
+    batch = spin_custom_collate([pairs[0], pairs[1]], tok.eos_id)
     return model, sft, batch
 
 

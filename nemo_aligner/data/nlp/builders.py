@@ -162,10 +162,105 @@ def build_validation_sampler(
 
 def build_dataloader(
     dataset: SFTDataset,
-    sampler: GlobalBatchSampler | ValidationBatchSampler,
-    collate: SFTCollate,
+    sampler: GlobalBatchSampler | ValidationBatchSampler | None = None,
+    collate: SFTCollate | None = None,
     data_cfg: Mapping[str, Any] | None = None,
+    *,
+    cfg: Mapping[str, Any] | None = None,
+    **nemo_aligner_kwargs: Any,
 ) -> DataLoader:
-    """A DataLoader yielding one collated rank share per step, with ``model.data.num_workers`` workers."""
+    """A DataLoader yielding one collated rank share per step, with ``model.data.num_workers`` workers.
+
+    Called NeMo-Aligner's way (``cfg=`` the run config, ``consumed_samples``, ``mbs``, ``gbs``, ...; see
+    :func:`nemo_aligner_dataloader`), the sampler is built here from those arguments.
+    """
+    if cfg is not None:
+        return nemo_aligner_dataloader(cfg, dataset, **nemo_aligner_kwargs)
     num_workers = int((data_cfg or {}).get("num_workers", 0))
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
+# ---------------------------------------------------------------------------------------------- NeMo-Aligner's API
+def nemo_aligner_dataloader(
+    cfg: Mapping[str, Any],
+    dataset,
+    consumed_samples: int = 0,
+    mbs: int | None = None,
+    gbs: int | None = None,
+    drop_last: bool = True,
+    pad_samples_to_global_batch_size: bool = False,
+    collate_fn=None,
+    load_gbs: bool = True,
+    use_random_sampler: bool = True,
+) -> DataLoader:
+    """``build_dataloader(cfg=..., dataset=..., ...)`` as NeMo-Aligner's scripts call it: our samplers (a global
+    batch per step, this rank's share), shuffled by ``model.seed`` when ``use_random_sampler`` and
+    ``model.data.shuffle`` (default true), in file order otherwise. ``mbs`` is unused (micro batches are cut by the
+    model) and ``load_gbs`` must be true (one global batch per step is the only layout); a partial last batch is
+    padded with fillers unless ``drop_last`` (``pad_samples_to_global_batch_size`` is implied)."""
+    from megatron.core import parallel_state
+
+    from nemo_aligner.utils.config import model_seed
+
+    if not load_gbs:
+        raise ValueError("build_dataloader(load_gbs=False) is not supported: each step loads one global batch")
+    layout = {
+        "data_parallel_rank": parallel_state.get_data_parallel_rank(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+    }
+    model_cfg = cfg["model"]
+    if use_random_sampler:
+        shuffle = model_cfg.get("data", {}).get("shuffle", True)
+        split_cfg = {"shuffle": True if shuffle is None else shuffle, "drop_last": drop_last}
+        sampler = build_train_sampler(
+            split_cfg, dataset, gbs, seed=model_seed(model_cfg), consumed_samples=consumed_samples, **layout
+        )
+    else:
+        sampler = build_validation_sampler({"drop_last": drop_last}, dataset, gbs, **layout)
+    return build_dataloader(dataset, sampler, collate_fn or identity_collate, model_cfg.get("data"))
+
+
+def identity_collate(batch: list) -> list:
+    """NeMo-Aligner's collate that leaves the items as a list (a trainer's ``collate_fn`` pads them later)."""
+    return batch
+
+
+def build_train_valid_test_dpo_datasets(
+    cfg: Mapping[str, Any],
+    data_prefix: Mapping[str, Any],
+    data_impl: str = "jsonl",
+    splits_string: str | None = None,
+    train_valid_test_num_samples=None,
+    seq_length: int | None = None,
+    seed: int | None = None,
+    tokenizer: Tokenizer | None = None,
+):
+    """NeMo-Aligner's DPO builder, a thin entry to :func:`~nemo_aligner.data.nlp.dpo_builders.build_dpo_datasets`:
+    ``(train, validation, test)`` from ``cfg.data`` (``cfg`` is the model config) and the ``data_prefix`` mapping;
+    ``test`` is None when ``data_prefix`` has none. ``splits_string``, ``train_valid_test_num_samples``,
+    ``seq_length`` and ``seed`` are NeMo-Aligner's and unused: each split is its own file list, used whole, at
+    ``model.data.seq_length``."""
+    from nemo_aligner.data.nlp.dpo_builders import build_dpo_datasets
+
+    if data_impl != "jsonl":
+        raise ValueError(f"data_impl={data_impl!r}: build_train_valid_test_dpo_datasets reads jsonl files")
+    splits = [split for split in ("train", "validation", "test") if data_prefix.get(split) is not None]
+    datasets = build_dpo_datasets(
+        cfg["data"], data_prefix, tokenizer, dpo_cfg=cfg.get("dpo"), splits=splits, global_batch_size=None
+    )
+    return datasets.get("train"), datasets.get("validation"), datasets.get("test")
+
+
+def build_train_valid_test_dpo_packed_datasets(*args: Any, **kwargs: Any):
+    """Refused: NeMo-Aligner's offline-packed DPO data (``data_impl: packed_jsonl``) is not read here."""
+    raise NotImplementedError(
+        "build_train_valid_test_dpo_packed_datasets: pre-packed DPO data is not supported; keep the jsonl pairs "
+        "(build_train_valid_test_dpo_datasets) and set model.dpo.packed_sequences=true to pack them at run time"
+    )
+
+
+def collate_with_pad_to_max_batch(max_seqlen: int, tokenizer_eos_id: int, cfg=None, **kwargs: Any) -> SFTCollate:
+    """NeMo-Aligner's SFT collate factory: a thin entry to :class:`~nemo_aligner.data.nlp.collate.SFTCollate`
+    padding every batch to ``max_seqlen`` with ``tokenizer_eos_id``. ``cfg`` and other keywords are accepted and
+    unused (positions and attention masks are built by the model)."""
+    return SFTCollate(tokenizer_eos_id, pad_length_to_multiple_of=max_seqlen, max_length=max_seqlen)

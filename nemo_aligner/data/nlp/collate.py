@@ -73,3 +73,14 @@ class SFTCollate:
             "prompt_lengths": torch.tensor([item["prompt_length"] for item in items], dtype=torch.long),
             "sample_index": torch.tensor([item["sample_index"] for item in items], dtype=torch.long),
         }
+
+
+def refuse_unsupported_layout_flags(**flags: bool) -> None:
+    """NeMo-Aligner's collate flags (``reset_position_ids``, ``reset_attention_mask``, ``eod_mask_loss``) only
+    matter for several documents packed into one row, which this package never builds: accepted when false."""
+    set_flags = sorted(name for name, value in flags.items() if value)
+    if set_flags:
+        raise ValueError(
+            f"{', '.join(set_flags)}=True is not supported: samples are never packed several to a row here, so "
+            "positions and attention need no reset; set them to false (the default)"
+        )
