@@ -25,8 +25,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_aligner.algorithms.base import BaseTrainer
+from nemo_aligner.data.nlp.pairs import SPINPairsDataset, pairs_loader_over_prompts
 from nemo_aligner.data.nlp.samplers import FILLER_INDEX
 from nemo_aligner.models.nlp.gpt.reference import ReferenceLogprobs, compute_reference_logprobs
+from nemo_aligner.utils.config import model_seed
 from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.exp_manager import PreemptionHandler
 from nemo_aligner.utils.kill_points import kill_point
@@ -48,11 +50,21 @@ class IterativeTrainer(BaseTrainer):
     :meth:`step_metrics` (per-step metrics of the pairs), :meth:`log_samples`.
     """
 
-    def __init__(self, *args, sft_dataset=None, rollout_dir: Path | None = None, seed: int, **kwargs):
+    pairs_dataset_class = SPINPairsDataset
+    rollout_dir_name = "spin_rollouts"
+
+    def __init__(self, *args, sft_dataset=None, rollout_dir: Path | None = None, seed: int | None = None, **kwargs):
+        loader = kwargs.get("train_dataloader")
+        if sft_dataset is None and loader is not None and not isinstance(loader.dataset, self.pairs_dataset_class):
+            # NeMo-Aligner's scripts pass a loader of the prompts' SFT samples: train on pairs drawn the same way.
+            sft_dataset = loader.dataset
+            kwargs["train_dataloader"] = pairs_loader_over_prompts(loader, self.pairs_dataset_class)
         super().__init__(*args, **kwargs)
         self.sft_dataset = sft_dataset
+        if rollout_dir is None and self.ckpt_callback is not None:  # the recipes' place, beside the checkpoints
+            rollout_dir = Path(self.ckpt_callback.checkpoint_dir).parent / self.rollout_dir_name
         self.rollout_dir = Path(rollout_dir) if rollout_dir else None
-        self.seed = seed
+        self.seed = model_seed(self.model.cfg) if seed is None else seed
         self.iteration = 0
         self.base_sampler_seed = self.train_dataloader.batch_sampler.seed
         self.rollout_stats: dict[str, float] = {}

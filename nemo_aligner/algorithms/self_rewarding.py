@@ -39,7 +39,7 @@ from megatron.core import parallel_state
 from omegaconf import ListConfig
 
 from nemo_aligner.algorithms.iterative import IterativeTrainer
-from nemo_aligner.data.nlp.pairs import SFT, TRAINED_KINDS
+from nemo_aligner.data.nlp.pairs import SFT, TRAINED_KINDS, SelfRewardingPairsDataset
 from nemo_aligner.data.nlp.samplers import FILLER_INDEX
 from nemo_aligner.judges import length_control_for_iteration
 from nemo_aligner.judges.rollout import JudgeConfig, JudgedRollout, batch_metrics, build_pairs, judge_health, slot
@@ -53,6 +53,9 @@ class SelfRewardingTrainer(IterativeTrainer):
     """The iterative loop with the Self-Rewarding / Meta-Rewarding rollout (module docstring);
     ``chat_prompt_tokens`` are the policy's ``model.data.chat_prompt_tokens`` (judge prompts are user turns in that
     template)."""
+
+    pairs_dataset_class = SelfRewardingPairsDataset
+    rollout_dir_name = "self_rewarding_rollouts"
 
     def __init__(self, *args, chat_prompt_tokens: Mapping[str, str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -86,16 +86,24 @@ def num_samples_for(data_cfg: Mapping[str, Any], max_steps: int, global_batch_si
 
 def build_sft_dataset(
     data_cfg: Mapping[str, Any],
-    split_cfg: Mapping[str, Any],
-    tokenizer: Tokenizer,
-    seed: int,
+    split_cfg: Mapping[str, Any] | Tokenizer,
+    tokenizer: Tokenizer | int | None = None,
+    seed: int | None = None,
     num_samples: int | None = None,
+    **nemo_aligner_kwargs: Any,
 ) -> SFTDataset:
     """Read, validate and tokenize a split's jsonl file (all problems raised together as one ``DataError``).
 
     With ``num_samples`` (see :func:`num_samples_for`) the dataset has exactly that many items, drawn from the
     file in seeded shuffled passes (:func:`~nemo_aligner.data.nlp.sft_dataset.build_sample_mapping`).
+
+    NeMo-Aligner's call ``build_sft_dataset(split_cfg, tokenizer, num_samples, answer_only_loss=True,
+    is_chat=..., special_tokens=...)`` (a tokenizer second) is understood too: see :func:`nemo_aligner_sft_dataset`.
     """
+    if not isinstance(split_cfg, Mapping):
+        return nemo_aligner_sft_dataset(data_cfg, split_cfg, tokenizer, **nemo_aligner_kwargs)
+    if nemo_aligner_kwargs or seed is None:
+        raise TypeError("build_sft_dataset(data_cfg, split_cfg, tokenizer, seed, num_samples=None)")
     file_path = str(_split_value(split_cfg, "file_path"))
     sample_format = build_sample_format(data_cfg, split_cfg, tokenizer)
     report = ProblemReport(file_path)
@@ -218,6 +226,26 @@ def nemo_aligner_dataloader(
     else:
         sampler = build_validation_sampler({"drop_last": drop_last}, dataset, gbs, **layout)
     return build_dataloader(dataset, sampler, collate_fn or identity_collate, model_cfg.get("data"))
+
+
+def nemo_aligner_sft_dataset(
+    split_cfg: Mapping[str, Any],
+    tokenizer: Tokenizer,
+    num_samples: int | None = None,
+    answer_only_loss: bool = True,
+    is_chat: bool = False,
+    special_tokens: Mapping[str, str] | None = None,
+) -> SFTDataset:
+    """``build_sft_dataset`` called NeMo-Aligner's way: the split config, the tokenizer, ``num_samples``; chat
+    format when ``is_chat`` (``special_tokens`` = ``model.data.chat_prompt_tokens``). ``num_samples`` draws with
+    NeMo's default seed (the ``model.seed`` of the shipped configs), as NeMo-Aligner's builder did. Only
+    answer tokens are ever scored here, so ``answer_only_loss=False`` is refused."""
+    if not answer_only_loss:
+        raise ValueError("answer_only_loss=False is not supported: only response tokens are scored")
+    data_cfg = {"chat": is_chat, "chat_prompt_tokens": special_tokens}
+    from nemo_aligner.utils.config import NEMO_DEFAULT_SEED
+
+    return build_sft_dataset(data_cfg, split_cfg, tokenizer, NEMO_DEFAULT_SEED, num_samples)
 
 
 def identity_collate(batch: list) -> list:

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from nemo_aligner.data.nlp.dpo_dataset import filler_pair_item
+from nemo_aligner.data.nlp.dpo_dataset import DPOCollate, filler_pair_item
 from nemo_aligner.data.nlp.samplers import FILLER_INDEX, GlobalBatchSampler
 
 RESPONSE, META, SFT, BAD, BAD_END = "response", "meta", "sft", "bad", "bad_end"
@@ -97,3 +97,24 @@ class SelfRewardingPairsDataset(torch.utils.data.Dataset):
             "sample_index": index,
             "valid": slot["kind"] in TRAINED_KINDS,
         }
+
+
+def pairs_loader_over_prompts(prompts_loader: DataLoader, pairs_cls=SPINPairsDataset) -> DataLoader:
+    """A loader of ``pairs_cls`` over the SFT dataset of ``prompts_loader``, drawn with the same sampler settings.
+
+    NeMo-Aligner's SPIN and Self-Rewarding scripts hand the trainer a loader of SFT samples; the loop trains on the
+    pairs an iteration's rollout makes of those samples, as the recipes build them (``recipes/spin.py``).
+    """
+    sft_dataset, given = prompts_loader.dataset, prompts_loader.batch_sampler
+    sampler = SPINBatchSampler(
+        len(sft_dataset),
+        given.global_batch_size,
+        data_parallel_rank=given.data_parallel_rank,
+        data_parallel_size=given.data_parallel_size,
+        consumed_samples=given.consumed_samples,
+        seed=given.seed,
+        shuffle=given.shuffle,
+        drop_last=given.drop_last,
+    )
+    pairs = pairs_cls(sft_dataset, sft_dataset.pad_id)
+    return DataLoader(pairs, batch_sampler=sampler, collate_fn=DPOCollate(sft_dataset.pad_id))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nemo_aligner.data.nlp.collate import filler_item
+from nemo_aligner.data.nlp.collate import SFTCollate, filler_item
 from nemo_aligner.data.nlp.jsonl import JsonlRecord, ProblemReport, type_problem
 from nemo_aligner.data.nlp.samplers import FILLER_INDEX
 from nemo_aligner.tokenizers import Tokenizer
@@ -293,6 +293,11 @@ class SFTDataset(Dataset):
         self.file_path = file_path
         self.pad_id = pad_id
         self.sample_mapping = sample_mapping
+
+    @property
+    def collate_fn(self) -> SFTCollate:
+        """Right padding with the dataset's pad id (NeMo-Aligner's scripts collate validation with it)."""
+        return SFTCollate(self.pad_id)
 
     @property
     def num_unique_samples(self) -> int:
