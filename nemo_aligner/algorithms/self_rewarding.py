@@ -61,6 +61,8 @@ class SelfRewardingTrainer(IterativeTrainer):
         super().__init__(*args, **kwargs)
         spin = self.model.spin_config
         self.judge_cfg = JudgeConfig.from_config(spin)
+        if chat_prompt_tokens is None:  # NeMo-Aligner's scripts pass none: the model's own template
+            chat_prompt_tokens = self.model.cfg.get("data", {}).get("chat_prompt_tokens")
         self.chat_prompt_tokens = dict(chat_prompt_tokens or {})
         self.loss_weights = (self.model.preference_loss_weight, self.model.sft_loss_weight)
         self.first_iteration_sft = bool(spin.get("first_iteration_sft", False))

@@ -79,7 +79,8 @@ def load_from_nemo(
 
     With ``modify_config_fn(checkpoint_cfg, model_cfg)`` the config used is what that function returns (e.g.
     :func:`load_and_override_model_config`-style merging). Returns the model, or ``(model, cfg)`` with
-    ``return_updated_cfg=True``. ``model_cfg`` may be ``cfg.model`` of a full run config: its interpolations
+    ``return_updated_cfg=True``. ``model_cfg`` may be the whole run config (its ``model`` is used) or ``cfg.model``
+    of one: its interpolations
     (``${trainer.precision}``) are resolved against that config first. ``load_base_model_only`` (NeMo-Aligner's
     flag to skip a checkpoint's LoRA adapters) changes nothing here: a ``.nemo`` never brings adapters.
     """
@@ -88,6 +89,8 @@ def load_from_nemo(
         raise ValueError("load_from_nemo: restore_path must name a .nemo file or directory")
     if not Path(restore_path).exists():
         raise FileNotFoundError(f"load_from_nemo: checkpoint not found: {restore_path}")
+    if "model" in model_cfg and "trainer" in model_cfg:  # the whole run config (NeMo-Aligner's SFT script)
+        model_cfg = model_cfg["model"]
     if isinstance(model_cfg, DictConfig) and model_cfg._get_parent() is not None:
         model_cfg = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
     if modify_config_fn is not None:

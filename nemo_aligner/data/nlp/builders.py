@@ -200,12 +200,14 @@ def nemo_aligner_dataloader(
     collate_fn=None,
     load_gbs: bool = True,
     use_random_sampler: bool = True,
+    limit_batches: float | int | None = None,
 ) -> DataLoader:
     """``build_dataloader(cfg=..., dataset=..., ...)`` as NeMo-Aligner's scripts call it: our samplers (a global
     batch per step, this rank's share), shuffled by ``model.seed`` when ``use_random_sampler`` and
     ``model.data.shuffle`` (default true), in file order otherwise. ``mbs`` is unused (micro batches are cut by the
     model) and ``load_gbs`` must be true (one global batch per step is the only layout); a partial last batch is
-    padded with fillers unless ``drop_last`` (``pad_samples_to_global_batch_size`` is implied)."""
+    padded with fillers unless ``drop_last`` (``pad_samples_to_global_batch_size`` is implied). ``limit_batches``
+    is unused: the trainer applies ``limit_train_batches``."""
     from megatron.core import parallel_state
 
     from nemo_aligner.utils.config import model_seed
