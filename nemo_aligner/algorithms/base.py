@@ -270,8 +270,14 @@ class BaseTrainer:
             self.save(is_train_end=is_last)
         return stop or is_last
 
-    def save(self, is_train_end: bool = False) -> None:
-        candidates = {**{f"val_{k}": v for k, v in self.last_val_metrics.items()}, **self.state_dict()}
+    def save(self, extra_candidates: Mapping[str, Any] | None = None, is_train_end: bool = False) -> None:
+        """A checkpoint now; ``extra_candidates`` add to the values its name and ``monitor`` read (NeMo-Aligner's
+        signature)."""
+        candidates = {
+            **{f"val_{k}": v for k, v in self.last_val_metrics.items()},
+            **(extra_candidates or {}),
+            **self.state_dict(),
+        }
         self.ckpt_callback.custom_save(monitor_candidates=candidates, is_train_end=is_train_end)
 
     def log(self, metrics: Mapping[str, float], prefix: str) -> None:

@@ -233,3 +233,24 @@ def test_spin_in_nemo_aligner_call_order_trains_as_our_entry_script(tmp_path, un
     assert runs["theirs"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert runs["theirs"] == pytest.approx(runs["ours"], abs=1e-6) and len(runs["theirs"]) == 2
     assert (tmp_path / "theirs" / "checkpoints" / "megatron_gpt_spin.nemo").is_file()
+
+
+def test_preference_model_methods_match_ours():
+    from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
+    from tests.conftest import tiny_model_cfg
+
+    model = MegatronGPTDPOModel(
+        tiny_model_cfg(micro_batch_size=2, global_batch_size=2, dpo={"ref_policy_kl_penalty": 0.5})
+    )
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -4.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert model.get_reduced_masked_logps(logps, mask).tolist() == [-5.0, -1.0]
+    assert model.get_reduced_masked_logps(logps, mask, average_log_probs=True).tolist() == [-2.5, -0.5]
+    chosen, rejected = model.gather_and_split_rewards(logps, torch.zeros_like(logps), mask)
+    assert chosen.tolist() == [-2.5] and rejected.tolist() == [-0.5]  # beta 0.5 x the masked sums, one DP rank
+    model.prepare_for_inference()
+    assert not model.training
+    model.finish_inference()
+    assert model.training
+    with pytest.raises(NotImplementedError, match="get_loss_and_metrics"):
+        model.get_forward_output_and_loss_func()

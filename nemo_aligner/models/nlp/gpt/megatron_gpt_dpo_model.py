@@ -23,6 +23,7 @@ from nemo_aligner.losses.preference import (
     preference_loss_and_metrics,
 )
 from nemo_aligner.models.alignable_interface import SupervisedInterface
+from nemo_aligner.models.nlp.gpt.nemo_aligner_api import NeMoAlignerPreferenceAPI
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, forward_tokens
 from nemo_aligner.models.nlp.gpt.packed_sequences import (
     forward_packed_sequences,
@@ -66,7 +67,7 @@ def concat_pairs(micro_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, mask
 
 
-class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
+class MegatronGPTDPOModel(NeMoAlignerPreferenceAPI, MegatronGPTModel, SupervisedInterface):
     """GPT trained with a preference loss from the registry (``model.dpo.preference_loss``).
 
     Reward of a response: ``r = lp_policy - lp_reference`` over its tokens (sums, or per-token means with
