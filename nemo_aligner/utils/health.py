@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from nemo_aligner.utils.device import current_device
 
-POLICIES = ("stop", "skip")
 LIKELY_CAUSES = (
     "a learning rate too high for the model or batch size, bf16/fp16 overflow in long sequences, a loss weight or "
     "KL penalty out of range, or a data sample that breaks the loss"
