@@ -24,7 +24,7 @@ from tqdm import tqdm
 from nemo_aligner.checkpoint.trainer_checkpoint import load_checkpoint
 from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.exp_manager import PreemptionHandler, RunTimer
-from nemo_aligner.utils.health import NonFiniteGuard
+from nemo_aligner.utils.health import NonFiniteGuard, step_health_metrics
 from nemo_aligner.utils.kill_points import kill_point
 
 logger = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class BaseTrainer:
         if updated:
             self.scheduler.step(increment=1)
         kill_point("after_optimizer_step")
-        health = {"skipped_steps": float(self.health.skipped)} if self.health.skipped else {}
+        health = step_health_metrics(self.health, batch)
         return {**metrics, "grad_norm": float(grad_norm or 0.0), "lr": lr, **health}
 
     def run_validation(self) -> dict[str, float]:

@@ -279,11 +279,21 @@ def check_optimizer(checker: ConfigChecker, optim_key: str) -> None:
         checker.add(f"{optim_key}.sched.min_lr", f"{min_lr} is above {optim_key}.lr ({lr})")
 
 
-def check_resume_checkpoint(checker: ConfigChecker) -> None:
-    """The checkpoint a run would resume from is complete and safe, checked before any model is built."""
-    from nemo_aligner.checkpoint.trainer_checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+def check_resume_checkpoint(checker: ConfigChecker, loop: str | None = None) -> None:
+    """The checkpoint a run would resume from is complete and safe, and was trained with a config it can continue
+    with (same data, global batch size, loss and model shape; other changes are logged), checked before any model
+    is built. The run's identity is remembered so its checkpoints store it."""
+    from nemo_aligner.checkpoint import run_identity
+    from nemo_aligner.checkpoint.trainer_checkpoint import (
+        CheckpointError,
+        list_checkpoints,
+        read_trainer_state,
+        verify_checkpoint,
+    )
     from nemo_aligner.utils.exp_manager import resolve_log_dir
 
+    identity = run_identity.identity_of(checker.cfg, loop) if loop else None
+    run_identity.remember(identity)
     exp_cfg = checker.get("exp_manager")
     if exp_cfg is None or not exp_cfg.get("resume_if_exists", True):
         return
@@ -293,6 +303,11 @@ def check_resume_checkpoint(checker: ConfigChecker) -> None:
             verify_checkpoint(existing[-1])
     except CheckpointError as err:
         checker.add("exp_manager.resume_if_exists", str(err))
+        return
+    if existing and identity is not None:
+        stored = read_trainer_state(existing[-1]).get(run_identity.TRAINER_STATE_KEY)
+        for key, problem in run_identity.compare(stored, identity, existing[-1]):
+            checker.add(key, problem)
 
 
 def clamp_lengths_to_context(cfg: DictConfig, keys: Iterable[str], context: int) -> None:

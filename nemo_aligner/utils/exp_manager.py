@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_aligner.checkpoint import trainer_checkpoint
+from nemo_aligner.checkpoint import run_identity, trainer_checkpoint
 from nemo_aligner.utils import run_lock
 from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.health import require_finite
@@ -279,6 +279,8 @@ class CheckpointCallback:
         if is_train_end and self.save_nemo_on_train_end:
             self.nemo_fn(self.final_nemo_path)
         trainer_state = {**trainer_state, "monitor": {self.monitor: monitor_candidates.get(self.monitor)}}
+        if run_identity.current() is not None:  # what a step means: checked when a run resumes from this one
+            trainer_state[run_identity.TRAINER_STATE_KEY] = run_identity.current()
         if self.csv_logger is not None and is_global_rank_zero():
             trainer_state[METRICS_ROWS_KEY] = self.csv_logger.flush()
         name = format_checkpoint_name(self.filename, monitor_candidates)

@@ -154,7 +154,7 @@ def validate_common(checker: ConfigChecker, loop: str, world_size: int) -> int:
         checker.add("restore_from_path", f"checkpoint not found: {restore}")
     elif restore:
         check_checkpoint_architecture(checker, "model", restore)
-    check_resume_checkpoint(checker)
+    check_resume_checkpoint(checker, loop)
     max_time = checker.get("exp_manager.max_time_per_run")
     if max_time is not None:
         try:
