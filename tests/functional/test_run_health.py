@@ -9,7 +9,13 @@ the last checkpoint ends bit-exactly where a run that never met the last injecti
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +25,7 @@ from nemo_aligner.checkpoint.nemo_file import open_nemo, read_torch_dist_tensors
 from nemo_aligner.checkpoint.trainer_checkpoint import STATE_DIR, list_checkpoints, read_trainer_state
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.health import NonFiniteError
-from tests.functional.sft_runs import SCRIPTS
+from tests.functional.sft_runs import REPO, SCRIPTS, run_sft_subprocess
 from tests.functional.test_bad_inputs import repack
 
 NAN, INF = float("nan"), float("inf")
@@ -205,3 +211,120 @@ def test_nan_and_inf_in_loss_and_gradients_are_skipped_then_stop_and_resume_is_e
     rows = [row for row in csv.DictReader((reference / "csv" / "metrics.csv").open()) if row.get("train/grad_norm")]
     assert [float(row["train/grad_norm"]) > 0 for row in rows if int(row["step"]) in (1, 3, 7, 8)] == [True] * 4
     assert float(rows[-1]["train/skipped_steps"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# As a user runs it: a subprocess per command
+# ---------------------------------------------------------------------------------------------------------------
+TINY_SFT = [
+    "model.data.train_ds.global_batch_size=2",
+    "model.data.train_ds.micro_batch_size=1",
+    "trainer.sft.limit_val_batches=1",
+    "trainer.sft.val_check_interval=100",
+]
+
+
+def test_a_diverging_run_stops_by_default_and_keeps_its_last_good_checkpoint(tmp_path):
+    """A real divergence (learning rate 1e30) under the YAML default, policy stop: NonFiniteError at step 2 naming
+    the quantity and the key, step 1's checkpoint kept, only finite tensors on disk, no .nemo."""
+    from examples.nlp.gpt.train_gpt_sft import main
+
+    lr_too_high = ["model.optim.lr=1e30", "model.optim.sched.warmup_steps=0", "trainer.sft.save_interval=1"]
+    log_dir = tmp_path / "diverged"
+    cfg = compose_config(
+        SCRIPTS / "conf",
+        "gpt_sft",
+        [f"exp_manager.explicit_log_dir={log_dir}", "trainer.sft.max_steps=4", *TINY_SFT, *lr_too_high],
+    )
+    with pytest.raises(NonFiniteError, match="step 2: non-finite gradient norm") as info:
+        main(cfg)
+    assert "trainer.sft.non_finite.policy=stop" in str(info.value)
+    (checkpoint,) = list_checkpoints(log_dir / "checkpoints")
+    assert read_trainer_state(checkpoint)["step"] == 1
+    written = written_tensors(log_dir)
+    assert written and all(bool(torch.isfinite(t).all()) for t in written.values())
+    assert not (log_dir / "run.lock").exists()
+
+
+def test_hydra_full_error_still_shows_the_traceback(tmp_path):
+    full = run_sft_subprocess(tmp_path / "full", "trainer.sft.max_steps=0", env={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr and "trainer.sft.max_steps: 0 would" in full.stderr
+
+
+def test_second_run_on_a_directory_fails_naming_the_first_and_a_killed_run_resumes(tmp_path):
+    log_dir = tmp_path / "shared"
+    command = [sys.executable, str(SCRIPTS / "train_gpt_sft.py"), f"exp_manager.explicit_log_dir={log_dir}"]
+    command += [*TINY_SFT, "trainer.sft.save_interval=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list_checkpoints(log_dir / "checkpoints"):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended or never saved"
+            time.sleep(0.5)
+        started = time.monotonic()
+        second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+        elapsed = time.monotonic() - started
+        print(f"second run refused after {elapsed:.1f} s (interpreter start-up included)")
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert len([line for line in second.stderr.splitlines() if line.startswith("error: ")]) == 1
+        assert f"in use by another run (host {os.uname().nodename}, PID {first.pid}," in second.stderr, second.stderr
+        first.kill()  # SIGKILL: run.lock stays behind, stale
+        first.wait()
+        assert (log_dir / "run.lock").is_file()
+        saved = read_trainer_state(list_checkpoints(log_dir / "checkpoints")[-1])["step"]
+    finally:
+        first.kill()
+        first.wait()
+    # The same command again (in-process, one step further) takes the stale lock over and resumes.
+    from examples.nlp.gpt.train_gpt_sft import main
+
+    overrides = [f"exp_manager.explicit_log_dir={log_dir}", *command[3:], f"trainer.sft.max_steps={saved + 1}"]
+    with _captured_log("nemo_aligner") as records:
+        main(compose_config(SCRIPTS / "conf", "gpt_sft", overrides))
+    assert any(f"Resumed at step {saved} " in r.getMessage() for r in records)
+    assert read_trainer_state(list_checkpoints(log_dir / "checkpoints")[-1])["step"] == saved + 1
+    assert not (log_dir / "run.lock").exists()
+
+
+def test_ctrl_c_saves_at_the_step_boundary_and_a_finished_run_says_so(tmp_path):
+    log_dir = tmp_path / "interrupted"
+    steps = ["trainer.sft.max_steps=3", "trainer.sft.save_interval=100", *TINY_SFT]
+    ctrl_c = {"NEMO_ALIGNER_KILL_AT": "after_step:2", "NEMO_ALIGNER_KILL_SIGNAL": "INT"}
+    interrupted = run_sft_subprocess(log_dir, *steps, env=ctrl_c)
+    assert interrupted.returncode == 0, interrupted.stderr[-3000:]
+    assert "Traceback" not in interrupted.stderr and "KeyboardInterrupt" not in interrupted.stderr
+    assert interrupted.stderr.count("SIGINT received") == 1
+    (checkpoint,) = list_checkpoints(log_dir / "checkpoints")
+    assert read_trainer_state(checkpoint)["step"] == 2
+    assert not (log_dir / "run.lock").exists()
+    # In-process from here (same command, no start-up cost): the resumed run finishes, a rerun says it is finished.
+    cfg = compose_config(SCRIPTS / "conf", "gpt_sft", [f"exp_manager.explicit_log_dir={log_dir}", *steps])
+    from examples.nlp.gpt.train_gpt_sft import main
+
+    main(cfg.copy())
+    assert read_trainer_state(list_checkpoints(log_dir / "checkpoints")[-1])["step"] == 3
+    before = sorted(p.name for p in (log_dir / "checkpoints").iterdir())
+    with _captured_log("nemo_aligner") as records:
+        main(cfg.copy())
+    assert any("already finished: resumed at step 3 of max_steps=3" in r.getMessage() for r in records)
+    assert sorted(p.name for p in (log_dir / "checkpoints").iterdir()) == before
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _captured_log(name):
+    handler = _ListHandler()
+    logging.getLogger(name).addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        logging.getLogger(name).removeHandler(handler)
