@@ -154,3 +154,18 @@ def test_a_state_with_a_non_finite_tensor_is_never_written():
     with pytest.raises(NonFiniteError, match="step 7: refusing to write a checkpoint: non-finite .*model.b"):
         require_finite(state, "a checkpoint", 7)
     require_finite({"model": {"w": ShardedTensor.from_rank_offsets("model.w", good)}}, "a checkpoint", 7)
+
+
+def test_large_data_files_are_fingerprinted_by_size_and_sampled_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_identity, "FULL_HASH_LIMIT", 1000)
+    data = bytes(range(256)) * 100_000  # 25.6 MB, above the (patched) limit: sampled
+    path, moved = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    path.write_bytes(data)
+    moved.write_bytes(data)
+    assert run_identity.data_fingerprint([str(path)]) == run_identity.data_fingerprint([str(moved)])
+    edited = bytearray(data)
+    edited[0] ^= 1  # the first block is always sampled
+    moved.write_bytes(bytes(edited))
+    assert run_identity.data_fingerprint([str(path)]) != run_identity.data_fingerprint([str(moved)])
+    moved.write_bytes(data + b"\n")  # one line more
+    assert run_identity.data_fingerprint([str(path)]) != run_identity.data_fingerprint([str(moved)])
