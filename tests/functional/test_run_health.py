@@ -26,7 +26,7 @@ from nemo_aligner.checkpoint.trainer_checkpoint import STATE_DIR, list_checkpoin
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.health import NonFiniteError
 from tests.functional.sft_runs import REPO, SCRIPTS, run_sft_subprocess
-from tests.functional.test_bad_inputs import repack
+from tests.functional.test_bad_inputs import CORPUS, repack
 
 NAN, INF = float("nan"), float("inf")
 # step -> (where, value): a NaN loss, a clean step, an inf loss, a NaN gradient, an inf gradient (1-based steps).
@@ -42,6 +42,8 @@ TRAINERS = {
         "overrides": [
             "model.data.train_ds.global_batch_size=2",
             "model.data.train_ds.micro_batch_size=1",
+            "model.data.train_ds.file_path=$chat",
+            "model.data.validation_ds.file_path=$chat",
             "trainer.sft.limit_val_batches=1",
         ],
     },
@@ -56,6 +58,8 @@ TRAINERS = {
             "model.micro_batch_size=1",
             "model.optim.name=adamw",
             "model.optim.sched.name=Constant",
+            "model.data.data_prefix={train: [$dpo], validation: [$dpo], test: [$dpo]}",
+            "trainer.dpo.max_epochs=2",
             "trainer.dpo.limit_val_batches=1",
             "model.dpo.reference=cpu_weight_swap",  # no reference precomputation over the whole data set
         ],
@@ -68,7 +72,11 @@ TRAINERS = {
         "overrides": [
             "pretrained_checkpoint.restore_from_path=$base",
             "trainer.spin.max_iterations=1",
-            "trainer.spin.limit_train_batches=8",
+            "trainer.spin.max_epochs=2",
+            "trainer.spin.limit_train_batches=1.0",
+            "trainer.spin.mask_unfinished_generations=false",  # the untrained model never ends: real gradients
+            "model.data.train_ds.file_path=$chat",
+            "model.data.validation_ds.file_path=$chat",
             "trainer.spin.limit_val_batches=1",
             "model.global_batch_size=2",
             "model.micro_batch_size=1",
@@ -84,7 +92,10 @@ TRAINERS = {
         "overrides": [
             "pretrained_checkpoint.restore_from_path=$base",
             "trainer.self_rewarding.max_iterations=1",
-            "trainer.self_rewarding.limit_train_batches=8",
+            "trainer.self_rewarding.max_epochs=2",
+            "trainer.self_rewarding.limit_train_batches=1.0",
+            "model.data.train_ds.file_path=$chat",
+            "model.data.validation_ds.file_path=$chat",
             "trainer.self_rewarding.limit_val_batches=1",
             "model.global_batch_size=2",
             "model.micro_batch_size=1",
@@ -122,7 +133,7 @@ def run(trainer: str, log_dir: Path, base: Path, *extra: str, injections=None, m
         f"exp_manager.explicit_log_dir={log_dir}",
         f"trainer.{loop}.save_interval=5",
         f"trainer.{loop}.val_check_interval=100",
-        *[o.replace("$base", str(base)) for o in spec["overrides"]],
+        *[_substitute(o, base) for o in spec["overrides"]],
         *[f"trainer.{loop}.{o}" for o in extra if not o.startswith(("model.", "exp_manager."))],
         *[o for o in extra if o.startswith(("model.", "exp_manager."))],
     ]
@@ -132,6 +143,14 @@ def run(trainer: str, log_dir: Path, base: Path, *extra: str, injections=None, m
             inject(patch, _import(spec["model"]), injections)
         main = __import__(f"examples.nlp.gpt.{spec['module']}", fromlist=["main"]).main
         main(cfg)
+
+
+def _substitute(override: str, base: Path) -> str:
+    """$base: the tiny .nemo; $chat / $dpo: 8-sample files of the bad-input corpus (4 steps of 2 per epoch)."""
+    data = CORPUS / "data"
+    for name, value in (("$base", base), ("$chat", data / "chat_good.jsonl"), ("$dpo", data / "dpo_good.jsonl")):
+        override = override.replace(name, str(value))
+    return override
 
 
 def inject(patch, model_cls, injections) -> None:
