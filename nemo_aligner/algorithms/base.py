@@ -17,14 +17,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from nemo_aligner.checkpoint.trainer_checkpoint import load_checkpoint
 from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.exp_manager import PreemptionHandler, RunTimer
-from nemo_aligner.utils.health import NonFiniteGuard, step_health_metrics
+from nemo_aligner.utils.health import NonFiniteGuard, agree_any, step_health_metrics
 from nemo_aligner.utils.kill_points import kill_point
 
 logger = logging.getLogger(__name__)
@@ -40,15 +38,6 @@ def limited(total: int, limit: float | int | None) -> int:
     if isinstance(limit, float) and limit <= 1.0:
         return int(math.floor(total * limit)) if limit < 1.0 else total
     return min(total, int(limit))
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (stop decisions must agree across ranks)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=torch.cuda.current_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 class BaseTrainer:
@@ -258,7 +247,7 @@ class BaseTrainer:
 
     def after_step(self, preemption: PreemptionHandler, is_last: bool) -> bool:
         """Validate and save on schedule; returns True when the run must stop now."""
-        stop = any_rank(preemption.received or self.run_timer.is_finished())
+        stop = agree_any(preemption.received or self.run_timer.is_finished())
         if self.step % self.val_check_interval == 0 or is_last:
             self.last_val_metrics = self.run_validation()
             self.log(self.last_val_metrics, self.metric_prefix_val)

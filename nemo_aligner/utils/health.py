@@ -38,13 +38,18 @@ class NonFiniteError(RuntimeError):
     """Training produced a NaN or inf (loss, gradient norm or weight); the message names step and quantity."""
 
 
-def agree_any(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (each rank checks what it holds; all act alike)."""
+def agree_each(flags: list[bool]) -> list[bool]:
+    """Each flag true on every rank when it is true on any rank (each rank checks what it holds; all act alike)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=current_device())
+        return list(flags)
+    tensor = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=current_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return [bool(value) for value in tensor.tolist()]
+
+
+def agree_any(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (stop decisions must agree across ranks)."""
+    return agree_each([flag])[0]
 
 
 def is_finite(value: Any) -> bool:
@@ -90,11 +95,11 @@ class NonFiniteGuard:
         if found_inf:  # fp16 overflow: megatron already lowered the loss scale; its usual skipped step
             return False, None
         grad_norm = optimizer.get_grad_norm()
-        bad = [
-            name for name, value in (("loss", loss), ("gradient norm", grad_norm)) if agree_any(not is_finite(value))
-        ]
+        values = {"loss": loss, "gradient norm": grad_norm}
+        verdicts = agree_each([not is_finite(value) for value in values.values()])  # one all-reduce for both
+        bad = [name for name, non_finite in zip(values, verdicts) if non_finite]
         if bad:
-            self._non_finite(step, bad, {"loss": loss, "gradient norm": grad_norm})
+            self._non_finite(step, bad, values)
             return False, float(grad_norm) if grad_norm is not None else None
         self.consecutive = 0
         _clip_by_total_norm(optimizer, grad_norm)
