@@ -11,7 +11,9 @@ Policy, per trainer (``trainer.<algorithm>.non_finite`` in the YAML; see docs/ru
 Detection uses megatron-core's own machinery: :meth:`MegatronOptimizer.prepare_grads` (the fp16 loss scaler's
 found-inf check, all-reduced over the model-parallel group) and :meth:`MegatronOptimizer.get_grad_norm` (the global
 gradient norm, all-reduced over the group that shares gradient statistics). The loss and the verdict are then
-agreed across all ranks, so every rank skips or stops at the same step. Before every checkpoint or ``.nemo`` the
+agreed across all ranks, so every rank skips or stops at the same step. megatron's DDP option
+``check_for_nan_in_grad`` is not used: it aborts inside the gradient all-reduce (through its rerun state machine),
+on the ranks that see the NaN only, which allows neither the skip policy nor a named error. Before every checkpoint or ``.nemo`` the
 tensors about to be written are checked (:func:`require_finite`), so a weight that went non-finite is caught even
 when no loss or norm showed it.
 """
