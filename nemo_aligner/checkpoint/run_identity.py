@@ -90,14 +90,17 @@ def identity_of(view: DictConfig, loop: str) -> dict[str, dict[str, Any]]:
     return {"refuse": refuse, "warn": {k: v for k, v in warn.items() if v is not None}}
 
 
-def remember(identity: dict[str, Any]) -> None:
-    """The identity of the run being set up; checkpoints store it (:func:`current`)."""
+def remember(identity: dict[str, Any] | None) -> None:
+    """The identity of the run whose config was just checked; its experiment takes it (:func:`take`)."""
     global _current
     _current = identity
 
 
-def current() -> dict[str, Any] | None:
-    return _current
+def take() -> dict[str, Any] | None:
+    """The remembered identity, once (a later experiment set up without a config check stores none)."""
+    global _current
+    identity, _current = _current, None
+    return identity
 
 
 def compare(stored: Mapping[str, Any] | None, now: Mapping[str, Any], checkpoint: Path) -> list[tuple[str, str]]:

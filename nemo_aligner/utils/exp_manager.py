@@ -48,6 +48,7 @@ class Experiment:
     resume_path: Path | None
     name: str = "megatron_gpt"
     csv_logger: ResumableCSVLogger | None = None
+    identity: dict[str, Any] | None = None  # what a step means (run_identity), stored in every checkpoint
 
 
 def resolve_log_dir(cfg: Mapping[str, Any]) -> Path:
@@ -81,7 +82,8 @@ def exp_manager(trainer, cfg: DictConfig | Mapping[str, Any] | None) -> Experime
     if csv_logger is not None and is_global_rank_zero():
         rows = trainer_checkpoint.read_trainer_state(resume_path).get(METRICS_ROWS_KEY) if resume_path else 0
         csv_logger.truncate(rows)
-    return Experiment(log_dir, checkpoint_dir, resume_path, cfg.get("name") or "megatron_gpt", csv_logger)
+    name = cfg.get("name") or "megatron_gpt"
+    return Experiment(log_dir, checkpoint_dir, resume_path, name, csv_logger, run_identity.take())
 
 
 def take_run_lock(log_dir: Path) -> None:
@@ -266,6 +268,7 @@ class CheckpointCallback:
         self.nemo_fn = nemo_fn
         self.final_nemo_path = experiment.checkpoint_dir / f"{experiment.name}.nemo"
         self.csv_logger = experiment.csv_logger
+        self.identity = experiment.identity
 
     def custom_save(self, monitor_candidates: Mapping[str, Any], is_train_end: bool = False) -> Path:
         """Save a checkpoint named from ``monitor_candidates`` (which also holds ``step`` etc.).
@@ -279,8 +282,8 @@ class CheckpointCallback:
         if is_train_end and self.save_nemo_on_train_end:
             self.nemo_fn(self.final_nemo_path)
         trainer_state = {**trainer_state, "monitor": {self.monitor: monitor_candidates.get(self.monitor)}}
-        if run_identity.current() is not None:  # what a step means: checked when a run resumes from this one
-            trainer_state[run_identity.TRAINER_STATE_KEY] = run_identity.current()
+        if self.identity is not None:  # what a step means: checked when a run resumes from this one
+            trainer_state[run_identity.TRAINER_STATE_KEY] = self.identity
         if self.csv_logger is not None and is_global_rank_zero():
             trainer_state[METRICS_ROWS_KEY] = self.csv_logger.flush()
         name = format_checkpoint_name(self.filename, monitor_candidates)

@@ -13,9 +13,9 @@ found-inf check, all-reduced over the model-parallel group) and :meth:`MegatronO
 gradient norm, all-reduced over the group that shares gradient statistics). The loss and the verdict are then
 agreed across all ranks, so every rank skips or stops at the same step. megatron's DDP option
 ``check_for_nan_in_grad`` is not used: it aborts inside the gradient all-reduce (through its rerun state machine),
-on the ranks that see the NaN only, which allows neither the skip policy nor a named error. Before every checkpoint or ``.nemo`` the
-tensors about to be written are checked (:func:`require_finite`), so a weight that went non-finite is caught even
-when no loss or norm showed it.
+on the ranks that see the NaN only, which allows neither the skip policy nor a named error. Before every checkpoint
+or ``.nemo`` the tensors about to be written are checked (:func:`require_finite`), so a weight that went non-finite
+is caught even when no loss or norm showed it.
 """
 
 from __future__ import annotations
