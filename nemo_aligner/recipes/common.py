@@ -25,6 +25,7 @@ from nemo_aligner.utils.config import model_seed, register_resolvers
 from nemo_aligner.utils.config_validation import (
     ConfigChecker,
     check_checkpoint_architecture,
+    check_finite_numbers,
     check_loop,
     check_model_parallel,
     check_optimizer,
@@ -148,6 +149,7 @@ def config_view(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
 
 def validate_common(checker: ConfigChecker, loop: str, world_size: int) -> int:
     """Checks every algorithm shares; returns the data-parallel size."""
+    check_finite_numbers(checker)
     check_loop(checker, loop)
     data_parallel_size = check_model_parallel(checker, "model", world_size)
     check_optimizer(checker, "model.optim")
@@ -156,7 +158,7 @@ def validate_common(checker: ConfigChecker, loop: str, world_size: int) -> int:
         checker.add("restore_from_path", f"checkpoint not found: {restore}")
     elif restore:
         check_checkpoint_architecture(checker, "model", restore)
-    check_resume_checkpoint(checker)
+    check_resume_checkpoint(checker, loop)
     if loop != "dpo" and (checker.get("model.peft.peft_scheme") or "none") != "none":
         checker.add("model.peft.peft_scheme", f"LoRA is supported by DPO only, not by trainer.{loop}: set it to none")
     max_time = checker.get("exp_manager.max_time_per_run")

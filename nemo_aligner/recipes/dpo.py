@@ -22,7 +22,12 @@ from nemo_aligner.recipes.common import (
     validate_common,
 )
 from nemo_aligner.utils.config import model_seed
-from nemo_aligner.utils.config_validation import ConfigChecker, check_batch_sizes, clamp_lengths_to_context
+from nemo_aligner.utils.config_validation import (
+    ConfigChecker,
+    check_batch_sizes,
+    check_preference_loss,
+    clamp_lengths_to_context,
+)
 
 
 def run(cfg: DictConfig) -> None:
@@ -72,8 +77,8 @@ def validate_dpo_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int)
     checker.choice("model.dpo.preference_loss", PREFERENCE_LOSSES)
     checker.choice("model.dpo.reference", REFERENCE_STRATEGIES, required=False)
     checker.number("model.dpo.ref_policy_kl_penalty", minimum=0)
-    for key in ("gt_reward_scale", "preference_loss_weight", "sft_loss_weight"):
-        checker.number(f"model.dpo.{key}", required=False)
+    checker.number("model.dpo.gt_reward_scale", required=False)
+    check_preference_loss(checker, "model.dpo")
     checker.integer("model.dpo.log_prob_forward_micro_batch_size", minimum=1, required=False)
     checker.choice("model.peft.peft_scheme", ("none", "lora"), required=False)
     checker.choice("model.data.data_impl", ("jsonl", "packed_jsonl"), required=False)

@@ -32,7 +32,12 @@ from nemo_aligner.recipes.common import (
     validate_common,
 )
 from nemo_aligner.utils.config import model_seed
-from nemo_aligner.utils.config_validation import ConfigChecker, check_batch_sizes, clamp_lengths_to_context
+from nemo_aligner.utils.config_validation import (
+    ConfigChecker,
+    check_batch_sizes,
+    check_preference_loss,
+    clamp_lengths_to_context,
+)
 
 
 def run(cfg: DictConfig) -> None:
@@ -80,6 +85,7 @@ def validate_spin_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int
             )
     else:
         checker.number("model.spin.ref_policy_kl_penalty", minimum=0)
+    check_preference_loss(checker, "model.spin")
     for key, parser in (("sampling_params", SamplingParams), ("length_params", LengthParams)):
         try:
             parser.from_config(checker.get(f"model.spin.{key}") or {})
