@@ -32,11 +32,13 @@ from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.tokenizers import NemoTokenizerWarning
 from nemo_aligner.utils.config import compose_config
 from tests.conftest import NEMO_FIXTURES, perturb_, tiny_model_cfg
+from tests.functional.test_bad_inputs import repack
 from tests.interop.nemo_venv import REPO, TOOLKIT, NemoVenvBuild, run_nemo
 
 pytestmark = pytest.mark.nemo_interop
 
 LOGIT_ATOL = 1e-4
+CONTROL = "sft_with_another_rotary_base"
 CONVERTERS = REPO / "scripts" / "checkpoint_converters"
 CONF = REPO / "examples" / "nlp" / "gpt" / "conf"
 STRINGS = [
@@ -244,6 +246,9 @@ def compared(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
         warnings.simplefilter("always", NemoTokenizerWarning)
         files = {**write_hf_conversions(root), **write_legacy_conversion(root), **write_training_runs(root)}
     ours = {name: our_results(path) for name, path in files.items()}
+    # Control: the SFT file with a config value NeMo reads and we ignore here; NeMo's logits must then differ.
+    files[CONTROL] = repack(files["sft"], root / "control.nemo", rotary_base=500000)
+    ours[CONTROL] = ours["sft"]
     request = {
         "patches_dir": str(TOOLKIT),
         "files": [
@@ -293,10 +298,17 @@ def test_nemo_restores_the_file_with_our_logits_and_token_ids(compared, kind, re
     assert theirs["ids"][:checked] == ours["ids"][:checked]
 
 
+def test_the_comparison_sees_a_config_nemo_reads_differently(compared):
+    """The SFT file with another rotary_base (compared with our logits of the original): far outside 1e-4."""
+    ours, theirs = compared[CONTROL]
+    assert (theirs["logits"] - ours["logits"]).abs().max().item() > 1e-2
+
+
 def test_byte_level_chat_markers_differ_in_nemo_and_the_file_says_so(compared):
     """The one tokenizer NeMo rebuilds differently (docs/checkpoints.md): the written file warned about it, and
-    NeMo does encode a chat marker as bytes where we give its single id."""
+    NeMo does encode a chat marker as bytes where we give its single id. No other file warned."""
     ours, theirs = compared["sft"]
+    assert all("byte-level" in w for w in compared["_warnings"])
     assert ours["ids"][-1] != theirs["ids"][-1]
     assert theirs["ids"][-1] == list(BYTE_LEVEL_SPECIAL_TEXT.encode())
     assert any("special_tokens" in w and "byte-level" in w for w in compared["_warnings"])
