@@ -624,9 +624,10 @@ def nemo_tokenizer_config(
     writer stores each file in the tar and sets its key to ``nemo:<name>``. The config has NeMo's keys and values
     such that NeMo 2.5's ``MegatronGPTModel.restore_from`` builds the same tokenizer (token ids) as
     :func:`build_tokenizer` does from it. Where NeMo cannot, a :class:`NemoTokenizerWarning` says why
-    (``docs/checkpoints.md``, "Restoring in NVIDIA NeMo"):
+    (``docs/checkpoints.md``, "Restoring our files in NVIDIA NeMo"):
 
     - ``byte-level`` with ``special_tokens``: NeMo reserves the same ids but encodes the strings as plain bytes;
+    - ``sentencepiece`` in legacy mode without a named ``eos_token``: NeMo's legacy tokenizer then has no eos id;
     - ``huggingface`` without a local tokenizer directory in ``type``: NeMo builds Hugging Face tokenizers only
       from ``type`` (a Hub id or a directory, never a file inside the ``.nemo``).
     """
@@ -636,6 +637,13 @@ def nemo_tokenizer_config(
     if library == "sentencepiece":
         # NeMo's default for a missing key is legacy mode, this library's is not: say which one was used.
         cfg["sentencepiece_legacy"] = bool(getattr(tokenizer, "legacy", False))
+        named = cfg.get("special_tokens") if isinstance(cfg.get("special_tokens"), Mapping) else {}
+        if cfg["sentencepiece_legacy"] and "eos_token" not in named:
+            _warn_nemo(
+                "tokenizer.sentencepiece_legacy: NeMo's legacy SentencePiece tokenizer knows bos/eos/pad only by "
+                "name, so without tokenizer.special_tokens {bos_token: ..., eos_token: ..., pad_token: ...} its "
+                "eos_id fails (this library falls back to the model's own ids)"
+            )
     elif library == "byte-level" and cfg.get("special_tokens"):
         _warn_nemo(
             f"tokenizer.special_tokens {cfg['special_tokens']}: NeMo's byte-level tokenizer reserves the same ids "

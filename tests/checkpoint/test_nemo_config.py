@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tarfile
 import warnings
 from pathlib import Path
 
@@ -152,3 +153,20 @@ def test_byte_level_warns_only_with_special_tokens(tmp_path, special_tokens):
     else:
         (message,) = messages
         assert "tokenizer.special_tokens" in message and "<extra_id_1>" in message and "plain bytes" in message
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_sentencepiece_legacy_warns_without_a_named_eos(tmp_path, named):
+    """NeMo's legacy SentencePiece tokenizer finds bos/eos/pad only by name (its eos_id fails otherwise)."""
+    with tarfile.open(NEMO_FIXTURES / "tiny_gpt_ln_gelu_abs.nemo") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("_tok.model"))
+        (tmp_path / "tok.model").write_bytes(tar.extractfile(member).read())
+    special_tokens = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "<extra_id_1>"} if named else ["<x>"]
+    tokenizer = {"library": "sentencepiece", "model": str(tmp_path / "tok.model"), "sentencepiece_legacy": True}
+    model = MegatronGPTModel(tiny_model_cfg(tokenizer={**tokenizer, "special_tokens": special_tokens}))
+    messages = save(model, tmp_path / "m.nemo")
+    if named:
+        assert messages == []
+    else:
+        (message,) = messages
+        assert "sentencepiece_legacy" in message and "eos_id fails" in message

@@ -32,6 +32,14 @@ def fresh_process_state() -> None:
         os.environ.pop(name, None)
 
 
+def special_id(tokenizer, name: str):
+    """NeMo's id, or None where NeMo's tokenizer has none (legacy SentencePiece without a named pad raises)."""
+    try:
+        return getattr(tokenizer, name)
+    except AttributeError:
+        return None
+
+
 def main(request_path: str, output_path: str) -> None:
     request = json.load(open(request_path))
     sys.path.insert(0, request["patches_dir"])
@@ -64,9 +72,7 @@ def main(request_path: str, output_path: str) -> None:
                 "decoded": [tokenizer.ids_to_text(i) for i in ids],
                 "vocab_size": int(tokenizer.vocab_size),
                 "padded_vocab_size": int(model.padded_vocab_size),
-                "bos_id": tokenizer.bos_id,
-                "eos_id": tokenizer.eos_id,
-                "pad_id": tokenizer.pad_id,
+                **{name: special_id(tokenizer, name) for name in ("bos_id", "eos_id", "pad_id")},
                 "config": OmegaConf.to_container(model.cfg, resolve=True),
             }
         except BaseException as error:  # report every file; torch's CheckpointException is a BaseException

@@ -1,13 +1,17 @@
 """The separate NVIDIA NeMo 2.5.0 virtual environment the interoperability tests run NeMo in.
 
-Built once with `tests/fixtures/nemo_toolkit/setup_nemo_venv.sh` (2-4 minutes, 3.1 GB) and reused by every later
-run: by default at `<repo>/.cache/nemo_venv` (git-ignored), or where `NEMO_VENV` points. A file `READY` inside it,
-written after the setup script's own import check passed, marks a complete build; a folder without it is a build
-that was cut short and is rebuilt (only at the default place; elsewhere the test stops and says so).
+Built with `tests/fixtures/nemo_toolkit/setup_nemo_venv.sh` (3.1 GB; 2 minutes with pip's download cache, far
+longer when every wheel is downloaded) at most once per machine and recipe, then reused: it lives in the
+project's cache directory (`$NEMO_ALIGNER_CACHE`, default `~/.cache/nemo_aligner`, as for
+`scripts/build_tiny_base_model.py`) under a name holding the hash of the recipe files, or where `NEMO_VENV`
+points. A `READY` file inside it, written after the setup script's own import check passed, marks a complete
+build; a folder without it (a build cut short) is rebuilt. A lock file lets concurrent test runs share one build.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -16,36 +20,35 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLKIT = REPO / "tests" / "fixtures" / "nemo_toolkit"
-DEFAULT_VENV = REPO / ".cache" / "nemo_venv"
+RECIPE = ("setup_nemo_venv.sh", "nemo_venv_constraints.txt")
 READY = "READY"
-BUILD_TIMEOUT_S = 900
+BUILD_TIMEOUT_S = 1800
 
 
 def venv_dir() -> Path:
-    return Path(os.environ.get("NEMO_VENV") or DEFAULT_VENV)
-
-
-def python(venv: Path) -> Path:
-    return venv / "bin" / "python"
+    if os.environ.get("NEMO_VENV"):
+        return Path(os.environ["NEMO_VENV"])
+    digest = hashlib.sha256(b"".join((TOOLKIT / name).read_bytes() for name in RECIPE)).hexdigest()[:12]
+    cache = Path(os.environ.get("NEMO_ALIGNER_CACHE", Path.home() / ".cache" / "nemo_aligner"))
+    return cache / f"nemo_venv-{digest}"
 
 
 class NemoVenvBuild:
-    """A build of the NeMo venv, started in the background so the caller can work meanwhile; `wait()` joins it.
-
-    Nothing is started when a complete venv is already there.
-    """
+    """Makes sure the NeMo venv exists: starts its build in the background (the caller works meanwhile) unless a
+    complete one is there; `wait()` joins the build and returns the venv's python."""
 
     def __init__(self, venv: Path | None = None) -> None:
         self.venv = venv or venv_dir()
+        self.venv.parent.mkdir(parents=True, exist_ok=True)
         self.log = self.venv.parent / f"{self.venv.name}.build.log"
         self.process: subprocess.Popen | None = None
+        # Held until the build is done: another test run waits here, then finds READY.
+        self._lock = open(self.venv.parent / f"{self.venv.name}.lock", "w")  # noqa: SIM115
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         if (self.venv / READY).is_file():
+            self._release()
             return
-        if self.venv.exists():
-            if self.venv != DEFAULT_VENV:
-                raise RuntimeError(f"NEMO_VENV={self.venv} exists but is not a complete NeMo venv (no {READY} file)")
-            shutil.rmtree(self.venv)
-        self.venv.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.venv, ignore_errors=True)
         env = {**os.environ, "PYTHON": sys.executable, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
         env.pop("PYTHONPATH", None)
         with open(self.log, "w") as log:
@@ -56,9 +59,9 @@ class NemoVenvBuild:
                 env=env,
             )
 
-    @property
-    def built_now(self) -> bool:
-        return self.process is not None
+    def _release(self) -> None:
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+        self._lock.close()
 
     def wait(self) -> Path:
         """The venv's python once the build (if any) has finished; RuntimeError with the log's tail if it failed."""
@@ -68,12 +71,15 @@ class NemoVenvBuild:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 code = "timeout"
-            if code != 0:
-                tail = self.log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"building the NeMo venv failed ({code}); {self.log} ends with:\n{tail}")
-            (self.venv / READY).write_text("setup_nemo_venv.sh finished and its import check passed\n")
             self.process = None
-        return python(self.venv)
+            try:
+                if code != 0:
+                    tail = self.log.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"building the NeMo venv failed ({code}); {self.log} ends with:\n{tail}")
+                (self.venv / READY).write_text("setup_nemo_venv.sh finished and its import check passed\n")
+            finally:
+                self._release()
+        return self.venv / "bin" / "python"
 
 
 def run_nemo(venv_python: Path, script: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:

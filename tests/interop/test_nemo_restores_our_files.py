@@ -38,7 +38,8 @@ from tests.interop.nemo_venv import REPO, TOOLKIT, NemoVenvBuild, run_nemo
 pytestmark = pytest.mark.nemo_interop
 
 LOGIT_ATOL = 1e-4
-CONTROL = "sft_with_another_rotary_base"
+CONTROL = "legacy_converted_with_another_rotary_base"
+SPM_LIST = "sentencepiece_legacy_list"
 CONVERTERS = REPO / "scripts" / "checkpoint_converters"
 CONF = REPO / "examples" / "nlp" / "gpt" / "conf"
 STRINGS = [
@@ -52,8 +53,10 @@ STRINGS = [
     "",
 ]
 # Our byte-level tokenizer keeps chat markers as single ids; NeMo's encodes them as bytes (docs/checkpoints.md).
-BYTE_LEVEL_SPECIAL_TEXT = "User<extra_id_1>Hi"
+BYTE_TEXT = "User<extra_id_1>Hi"
+# NeMo keeps these single ids too: an HF added token, a SentencePiece legacy special token.
 HF_SPECIAL_TEXT = "hello <|eot_id|> world"
+SPM_SPECIAL_TEXT = "<extra_id_0>System\n<extra_id_1>User the dog<extra_id_1>"
 HF_TINY = dict(
     hidden_size=64,
     num_attention_heads=4,
@@ -217,6 +220,28 @@ def write_legacy_conversion(root: Path) -> dict[str, Path]:
     return {"legacy_converted": root / "legacy_converted.nemo"}
 
 
+def write_sentencepiece_with_special_tokens(root: Path) -> dict[str, Path]:
+    """Models saved directly (``save_to``) with a SentencePiece tokenizer in NeMo's legacy mode, which adds chat
+    markers as single ids past the model's pieces: with bos/eos named as NeMo's legacy mode needs, and (warned
+    about) with a bare list."""
+    directory = root / "spm_legacy"
+    directory.mkdir()
+    named = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "<extra_id_0>", "cls_token": "<extra_id_1>"}
+    out = {}
+    for name, special_tokens in (("sentencepiece_legacy", named), (SPM_LIST, ["<extra_id_0>", "<extra_id_1>"])):
+        tokenizer = {
+            "library": "sentencepiece",
+            "model": str(_spm_model(directory)),
+            "sentencepiece_legacy": True,
+            "special_tokens": special_tokens,
+        }
+        model = MegatronGPTModel(tiny_model_cfg(tokenizer=tokenizer))
+        perturb_(model, seed=11)
+        model.save_to(root / f"{name}.nemo")
+        out[name] = root / f"{name}.nemo"
+    return out
+
+
 # ------------------------------------------------------------------ our side and NeMo's side
 def our_results(path: Path) -> dict:
     """What this library computes from a file: logits for fixed ids (one tokenized string, one random row)."""
@@ -227,13 +252,15 @@ def our_results(path: Path) -> dict:
     input_ids = torch.tensor([text_ids, random_ids.tolist()])
     with torch.no_grad():
         logits = model(input_ids).float()
-    strings = STRINGS + [HF_SPECIAL_TEXT if model.cfg.tokenizer.library == "huggingface" else BYTE_LEVEL_SPECIAL_TEXT]
+    library = model.cfg.tokenizer.library
+    strings = STRINGS + [{"huggingface": HF_SPECIAL_TEXT, "sentencepiece": SPM_SPECIAL_TEXT}.get(library, BYTE_TEXT)]
     return {
         "input_ids": input_ids,
         "logits": logits,
         "strings": strings,
         "ids": [tokenizer.text_to_ids(s) for s in strings],
-        "library": model.cfg.tokenizer.library,
+        "library": library,
+        "eos_id": tokenizer.eos_id,
     }
 
 
@@ -242,13 +269,21 @@ def compared(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     """Per kind of file: (our results, NeMo's results)."""
     venv = NemoVenvBuild()  # in the background while the files are written
     root = tmp_path_factory.mktemp("our_nemo_files")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", NemoTokenizerWarning)
-        files = {**write_hf_conversions(root), **write_legacy_conversion(root), **write_training_runs(root)}
-    ours = {name: our_results(path) for name, path in files.items()}
-    # Control: the SFT file with a config value NeMo reads and we ignore here; NeMo's logits must then differ.
-    files[CONTROL] = repack(files["sft"], root / "control.nemo", rotary_base=500000)
-    ours[CONTROL] = ours["sft"]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NemoTokenizerWarning)
+            files = {
+                **write_hf_conversions(root),
+                **write_legacy_conversion(root),
+                **write_sentencepiece_with_special_tokens(root),
+                **write_training_runs(root),
+            }
+        ours = {name: our_results(path) for name, path in files.items()}
+    finally:
+        venv_python = venv.wait()  # never leave a build running behind a failed writer
+    # Control: a file whose config says another rotary_base than its model had; NeMo's logits must then differ.
+    files[CONTROL] = repack(files["legacy_converted"], root / "control.nemo", rotary_base=500000)
+    ours[CONTROL] = ours["legacy_converted"]
     request = {
         "patches_dir": str(TOOLKIT),
         "files": [
@@ -262,7 +297,6 @@ def compared(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
         ],
     }
     (root / "request.json").write_text(json.dumps(request))
-    venv_python = venv.wait()
     done = run_nemo(
         venv_python, Path(__file__).with_name("nemo_side.py"), str(root / "request.json"), str(root / "nemo.pt")
     )
@@ -277,6 +311,7 @@ KINDS = [
     "hf_mistral",
     "hf_qwen2",
     "legacy_converted",
+    "sentencepiece_legacy",
     "sft",
     "dpo",
     "dpo_lora_merged",
@@ -294,12 +329,13 @@ def test_nemo_restores_the_file_with_our_logits_and_token_ids(compared, kind, re
     print(f"\n{kind}: max |logit diff| NeMo vs ours = {max_diff:.3g} ({ours['library']} tokenizer)")
     record_property("max_abs_logit_diff", max_diff)
     assert max_diff <= LOGIT_ATOL
-    checked = len(STRINGS) + (ours["library"] == "huggingface")  # NeMo keeps HF added tokens whole too
-    assert theirs["ids"][:checked] == ours["ids"][:checked]
+    checked = ours["strings"] if ours["library"] != "byte-level" else STRINGS  # see the byte-level test below
+    assert theirs["ids"][: len(checked)] == ours["ids"][: len(checked)]
+    assert theirs["eos_id"] == ours["eos_id"]
 
 
 def test_the_comparison_sees_a_config_nemo_reads_differently(compared):
-    """The SFT file with another rotary_base (compared with our logits of the original): far outside 1e-4."""
+    """A converted file with another rotary_base (against our logits of the original): far outside 1e-4."""
     ours, theirs = compared[CONTROL]
     assert (theirs["logits"] - ours["logits"]).abs().max().item() > 1e-2
 
@@ -308,7 +344,14 @@ def test_byte_level_chat_markers_differ_in_nemo_and_the_file_says_so(compared):
     """The one tokenizer NeMo rebuilds differently (docs/checkpoints.md): the written file warned about it, and
     NeMo does encode a chat marker as bytes where we give its single id. No other file warned."""
     ours, theirs = compared["sft"]
-    assert all("byte-level" in w for w in compared["_warnings"])
+    assert all("byte-level" in w or "sentencepiece_legacy" in w for w in compared["_warnings"])
     assert ours["ids"][-1] != theirs["ids"][-1]
-    assert theirs["ids"][-1] == list(BYTE_LEVEL_SPECIAL_TEXT.encode())
+    assert theirs["ids"][-1] == list(BYTE_TEXT.encode())
     assert any("special_tokens" in w and "byte-level" in w for w in compared["_warnings"])
+
+
+def test_sentencepiece_legacy_without_named_eos_fails_in_nemo_and_the_file_says_so(compared):
+    """NeMo restores the weights, but its legacy SentencePiece tokenizer has no eos id without a named eos_token."""
+    _, theirs = compared[SPM_LIST]
+    assert "has no attribute 'eos_token'" in theirs["error"]
+    assert any("sentencepiece_legacy" in w and "eos_id fails" in w for w in compared["_warnings"])
