@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import tempfile
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -321,7 +320,7 @@ class MegatronGPTModel(LightningModule):
             if return_config:
                 return stored_cfg
             cfg = _as_config(override_config_path) if override_config_path is not None else stored_cfg
-            artifact_dir = tempfile.mkdtemp(prefix="nemo_aligner_artifacts_")
+            artifact_dir = nemo_file.scratch_dir("nemo_aligner_artifacts_")  # removed at exit at the latest
             cfg = _with_owned_artifacts(cfg, unpacked, artifact_dir)
             layout = nemo_file.detect_weights_layout(unpacked)
             if layout == "torch_dist":
