@@ -525,8 +525,10 @@ def _gpt2_bpe_tokenizer(vocab_file: Path, merge_file: Path) -> Any:
 
 
 def _hf_source(cfg: Mapping[str, Any], artifact_dir: str | Path | None) -> tuple[str, Path]:
-    """The config key and local path of the tokenizer: ``type`` (unless it is a hub name), ``model``, ``vocab_file``."""
-    for key in ("type", "model", "vocab_file"):
+    """The config key and local path of the tokenizer: ``model`` or ``vocab_file`` (a ``tokenizer.json``, e.g. the
+    ``.nemo``'s own artifact), else ``type`` (unless it is a hub name). A file's own tokenizer comes first, so
+    the directory in ``type`` that our ``.nemo`` files name for NeMo is never opened when reading them."""
+    for key in ("model", "vocab_file", "type"):
         if cfg.get(key) is None:
             continue
         path = _resolve_path(cfg, key, artifact_dir)
@@ -690,11 +692,12 @@ def _huggingface_for_nemo(cfg: dict[str, Any], tokenizer: Tokenizer, artifacts: 
         if cfg.get("model") is None:
             cfg["model"] = source
         cfg["type"] = source = None
-    if source is None or str(source).startswith(NEMO_ARTIFACT_PREFIX):
+    if source is None or str(source).startswith(NEMO_ARTIFACT_PREFIX) or Path(str(source)).is_absolute():
         _warn_nemo(
-            "tokenizer: NeMo 2.5 builds a Hugging Face tokenizer only from tokenizer.type (a Hub id or a local "
-            "directory), never from a file inside the .nemo; this file carries its tokenizer for nemo_aligner, "
-            "but NeMo cannot restore it until tokenizer.type names a directory written with the tokenizer's "
+            f"tokenizer.type={source!r}: NeMo 2.5 builds a Hugging Face tokenizer only from tokenizer.type (a Hub "
+            "id or a local directory), never from a file inside the .nemo; this file carries its tokenizer for "
+            "nemo_aligner, but NeMo cannot restore it until tokenizer.type names a directory written with the "
+            "tokenizer's "
             "save_pretrained (pass it as NeMo's override_config_path, or set model.tokenizer.type before saving)"
         )
 
