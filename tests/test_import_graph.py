@@ -29,6 +29,7 @@ LAYERS = {
     "algorithms": 3,
     "recipes": 4,
     "evaluation": 4,
+    "experimental": 4,  # NeMo-Aligner's import paths of algorithms (thin re-exports)
 }
 
 # Imports that point up, each with its reason. The test fails when one is added or removed without this list.
@@ -37,6 +38,9 @@ UPWARD_IMPORTS: dict[tuple[str, str], str] = {
     ("nemo_aligner.utils.train_script_utils", f"nemo_aligner.recipes.{name}"): _NEMO_ALIGNER_NAMES
     for name in ("common", "dpo", "sft", "spin")
 }
+UPWARD_IMPORTS[("nemo_aligner.utils.train_script_utils", "nemo_aligner.algorithms.base")] = (
+    "NeMo-Aligner's init_using_ptl builds the optimizer before the loop: the loop's step count (planned_max_steps)"
+)
 
 
 def _modules() -> dict[str, Path]:

@@ -21,6 +21,10 @@ import torch
 import torch.distributed as dist
 
 from nemo_aligner.utils.cpu_support import apply_cpu_support, bind_local_device, process_group_backend
+from nemo_aligner.utils.timers import RunTimer
+
+# NeMo-Aligner's name for the run's time limit (``Timer(cfg.exp_manager.max_time_per_run)``).
+Timer = RunTimer
 
 logger = logging.getLogger(__name__)
 
@@ -250,13 +254,3 @@ def union_over_data_parallel(local: dict) -> dict:
     for part in gather_data_parallel_objects(local):
         merged.update(part)
     return merged
-
-
-def __getattr__(name: str):
-    """``Timer``: NeMo-Aligner's name for the run's time limit (``Timer(cfg.exp_manager.max_time_per_run)``), a thin
-    entry to :class:`nemo_aligner.utils.exp_manager.RunTimer` (imported on use: exp_manager imports this module)."""
-    if name == "Timer":
-        from nemo_aligner.utils.exp_manager import RunTimer
-
-        return RunTimer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

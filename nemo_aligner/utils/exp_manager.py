@@ -17,7 +17,6 @@ import logging
 import re
 import shutil
 import signal
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from nemo_aligner.utils import run_lock
 from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.health import require_finite
 from nemo_aligner.utils.kill_points import kill_point
+from nemo_aligner.utils.timers import RunTimer  # noqa: F401 (this module's name for it since ever)
 
 logger = logging.getLogger(__name__)
 
@@ -314,27 +314,6 @@ class CheckpointCallback:
         for path in checkpoints:
             if path not in best and path != keep:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-class RunTimer:
-    """``max_time_per_run`` ("DD:HH:MM:SS", or None): tells the loop when to save and stop."""
-
-    def __init__(self, max_time: str | None):
-        self.limit = _parse_duration(max_time) if max_time else None
-        self.start = time.monotonic()
-
-    def is_finished(self) -> bool:
-        return self.limit is not None and time.monotonic() - self.start >= self.limit
-
-
-def _parse_duration(value: str) -> float:
-    parts = [float(p) for p in str(value).split(":")]
-    if not 1 <= len(parts) <= 4:
-        raise ValueError(f"exp_manager.max_time_per_run must look like DD:HH:MM:SS, got {value!r}")
-    seconds = 0.0
-    for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
-        seconds += part * unit
-    return seconds
 
 
 class PreemptionHandler:

@@ -31,3 +31,24 @@ class PhaseTimers:
         metrics = {f"timers/{phase}_s": seconds for phase, seconds in self.seconds.items()}
         self.seconds.clear()
         return metrics
+
+
+class RunTimer:
+    """``max_time_per_run`` ("DD:HH:MM:SS", or None): tells the loop when to save and stop."""
+
+    def __init__(self, max_time: str | None):
+        self.limit = _parse_duration(max_time) if max_time else None
+        self.start = time.monotonic()
+
+    def is_finished(self) -> bool:
+        return self.limit is not None and time.monotonic() - self.start >= self.limit
+
+
+def _parse_duration(value: str) -> float:
+    parts = [float(p) for p in str(value).split(":")]
+    if not 1 <= len(parts) <= 4:
+        raise ValueError(f"exp_manager.max_time_per_run must look like DD:HH:MM:SS, got {value!r}")
+    seconds = 0.0
+    for part, unit in zip(reversed(parts), (1, 60, 3600, 86400)):
+        seconds += part * unit
+    return seconds

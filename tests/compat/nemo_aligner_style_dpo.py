@@ -82,7 +82,9 @@ def main(cfg) -> None:
         collate_fn=identity_collate,
     )
     train_dataloader = build_dataloader(dataset=train_ds, consumed_samples=consumed_samples, **loader_args)
-    val_dataloader = build_dataloader(dataset=validation_ds, consumed_samples=0, use_random_sampler=False, **loader_args)
+    val_dataloader = build_dataloader(
+        dataset=validation_ds, consumed_samples=0, use_random_sampler=False, **loader_args
+    )
 
     init_using_ptl(trainer, model, train_dataloader, train_ds)
     optimizer, scheduler = extract_optimizer_scheduler_from_ptl_model(model)

@@ -14,7 +14,7 @@ import torch
 from megatron.core import parallel_state as megatron_parallel_state
 from omegaconf import OmegaConf
 
-from nemo_aligner.algorithms.dpo import DPOTrainer, dpo_custom_collate
+from nemo_aligner.algorithms.dpo import dpo_custom_collate
 from nemo_aligner.algorithms.spin import spin_custom_collate
 from nemo_aligner.data.nlp import builders
 from nemo_aligner.data.nlp.dpo_builders import build_dpo_dataloader, build_dpo_datasets
@@ -156,12 +156,19 @@ def untrained_default_model(tmp_path_factory) -> Path:
 
 def test_the_spin_model_page_example_runs_verbatim(untrained_default_model):
     from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSPINModel
-    from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo, retrieve_model_state_dict_in_cpu
+    from nemo_aligner.utils.utils import (
+        load_and_override_model_config,
+        load_from_nemo,
+        retrieve_model_state_dict_in_cpu,
+    )
 
     cfg = compose_config(
         SCRIPTS / "conf",
         "gpt_spin",
-        [f"pretrained_checkpoint.restore_from_path={untrained_default_model}", "model.spin.ref_policy_kl_penalty=[0.3,0.1]"],
+        [
+            f"pretrained_checkpoint.restore_from_path={untrained_default_model}",
+            "model.spin.ref_policy_kl_penalty=[0.3,0.1]",
+        ],
     )
     trainer = None
     cfg.model = load_and_override_model_config(cfg.pretrained_checkpoint.restore_from_path, cfg.model)

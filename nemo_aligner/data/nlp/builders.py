@@ -15,7 +15,15 @@ from torch.utils.data import DataLoader
 
 from nemo_aligner.data.nlp.chat import ChatPromptTokens, ChatTemplate
 from nemo_aligner.data.nlp.collate import SFTCollate, resolve_pad_id
+from nemo_aligner.data.nlp.dpo_builders import build_dpo_datasets
 from nemo_aligner.data.nlp.jsonl import ProblemReport, read_jsonl
+from nemo_aligner.data.nlp.loading import (  # noqa: F401 (SPLIT_DEFAULTS: this module's name for them since ever)
+    SPLIT_DEFAULTS,
+    build_train_sampler,
+    build_validation_sampler,
+    rank_share_dataloader,
+    split_value,
+)
 from nemo_aligner.data.nlp.samplers import GlobalBatchSampler, ValidationBatchSampler
 from nemo_aligner.data.nlp.sft_dataset import (
     PromptTemplate,
@@ -28,52 +36,28 @@ from nemo_aligner.tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# The split keys' values in NeMo-Aligner's gpt_sft.yaml, used only for keys a config leaves out.
-SPLIT_DEFAULTS: dict[str, Any] = {
-    "min_seq_length": 1,
-    "drop_last": True,
-    "shuffle": True,
-    "label_key": "output",
-    "add_eos": True,
-    "add_sep": False,
-    "add_bos": False,
-    "sep_id": 0,  # NeMo-Aligner's build_sft_dataset passes sep_id=0
-    "truncation_field": "input",
-    "truncation_method": "right",
-    "prompt_template": "{input} {output}",
-    "pad_length_to_multiple_of": None,
-}
-
-
-def _split_value(split_cfg: Mapping[str, Any], key: str) -> Any:
-    """A split key, falling back to :data:`SPLIT_DEFAULTS`; keys without a default are required."""
-    value = split_cfg.get(key, SPLIT_DEFAULTS.get(key))
-    if value is None and key not in SPLIT_DEFAULTS:
-        raise ValueError(f"model.data.<split>.{key} must be set")
-    return value
-
 
 def build_sample_format(
     data_cfg: Mapping[str, Any], split_cfg: Mapping[str, Any], tokenizer: Tokenizer
 ) -> SampleFormat:
     """The chat template (``model.data.chat``) or the plain prompt template of a split."""
-    max_seq_length = int(_split_value(split_cfg, "max_seq_length"))
-    min_seq_length = int(_split_value(split_cfg, "min_seq_length"))
+    max_seq_length = int(split_value(split_cfg, "max_seq_length"))
+    min_seq_length = int(split_value(split_cfg, "min_seq_length"))
     if data_cfg.get("chat", False):
         tokens = ChatPromptTokens.from_config(data_cfg.get("chat_prompt_tokens"))
         return ChatTemplate(tokenizer, tokens, max_seq_length=max_seq_length, min_seq_length=min_seq_length)
     return PromptTemplate(
         tokenizer,
-        _split_value(split_cfg, "prompt_template"),
+        split_value(split_cfg, "prompt_template"),
         max_seq_length=max_seq_length,
         min_seq_length=min_seq_length,
-        label_key=_split_value(split_cfg, "label_key"),
-        truncation_fields=_split_value(split_cfg, "truncation_field"),
-        truncation_method=_split_value(split_cfg, "truncation_method"),
-        add_bos=bool(_split_value(split_cfg, "add_bos")),
-        add_eos=bool(_split_value(split_cfg, "add_eos")),
-        add_sep=bool(_split_value(split_cfg, "add_sep")),
-        sep_id=int(_split_value(split_cfg, "sep_id")),
+        label_key=split_value(split_cfg, "label_key"),
+        truncation_fields=split_value(split_cfg, "truncation_field"),
+        truncation_method=split_value(split_cfg, "truncation_method"),
+        add_bos=bool(split_value(split_cfg, "add_bos")),
+        add_eos=bool(split_value(split_cfg, "add_eos")),
+        add_sep=bool(split_value(split_cfg, "add_sep")),
+        sep_id=int(split_value(split_cfg, "sep_id")),
     )
 
 
@@ -104,7 +88,7 @@ def build_sft_dataset(
         return nemo_aligner_sft_dataset(data_cfg, split_cfg, tokenizer, **nemo_aligner_kwargs)
     if nemo_aligner_kwargs or seed is None:
         raise TypeError("build_sft_dataset(data_cfg, split_cfg, tokenizer, seed, num_samples=None)")
-    file_path = str(_split_value(split_cfg, "file_path"))
+    file_path = str(split_value(split_cfg, "file_path"))
     sample_format = build_sample_format(data_cfg, split_cfg, tokenizer)
     report = ProblemReport(file_path)
     records = read_jsonl(file_path, report)
@@ -122,49 +106,8 @@ def build_collate(split_cfg: Mapping[str, Any], tokenizer: Tokenizer) -> SFTColl
     """Right padding with the tokenizer's pad (or EOS) id, rounded up to ``pad_length_to_multiple_of``."""
     return SFTCollate(
         resolve_pad_id(tokenizer),
-        _split_value(split_cfg, "pad_length_to_multiple_of"),
-        int(_split_value(split_cfg, "max_seq_length")),
-    )
-
-
-def build_train_sampler(
-    split_cfg: Mapping[str, Any],
-    dataset: SFTDataset,
-    global_batch_size: int,
-    *,
-    data_parallel_rank: int,
-    data_parallel_size: int,
-    seed: int,
-    consumed_samples: int = 0,
-) -> GlobalBatchSampler:
-    """The training sampler, with the split's ``shuffle`` and ``drop_last``."""
-    return GlobalBatchSampler(
-        len(dataset),
-        global_batch_size,
-        data_parallel_rank=data_parallel_rank,
-        data_parallel_size=data_parallel_size,
-        consumed_samples=consumed_samples,
-        seed=seed,
-        shuffle=bool(_split_value(split_cfg, "shuffle")),
-        drop_last=bool(_split_value(split_cfg, "drop_last")),
-    )
-
-
-def build_validation_sampler(
-    split_cfg: Mapping[str, Any],
-    dataset: SFTDataset,
-    global_batch_size: int,
-    *,
-    data_parallel_rank: int,
-    data_parallel_size: int,
-) -> ValidationBatchSampler:
-    """The validation sampler (file order), with the split's ``drop_last``."""
-    return ValidationBatchSampler(
-        len(dataset),
-        global_batch_size,
-        data_parallel_rank=data_parallel_rank,
-        data_parallel_size=data_parallel_size,
-        drop_last=bool(_split_value(split_cfg, "drop_last")),
+        split_value(split_cfg, "pad_length_to_multiple_of"),
+        int(split_value(split_cfg, "max_seq_length")),
     )
 
 
@@ -184,8 +127,7 @@ def build_dataloader(
     """
     if cfg is not None:
         return nemo_aligner_dataloader(cfg, dataset, **nemo_aligner_kwargs)
-    num_workers = int((data_cfg or {}).get("num_workers", 0))
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    return rank_share_dataloader(dataset, sampler, collate, data_cfg)
 
 
 # ---------------------------------------------------------------------------------------------- NeMo-Aligner's API
@@ -270,8 +212,6 @@ def build_train_valid_test_dpo_datasets(
     ``test`` is None when ``data_prefix`` has none. ``splits_string``, ``train_valid_test_num_samples``,
     ``seq_length`` and ``seed`` are NeMo-Aligner's and unused: each split is its own file list, used whole, at
     ``model.data.seq_length``."""
-    from nemo_aligner.data.nlp.dpo_builders import build_dpo_datasets
-
     if data_impl != "jsonl":
         raise ValueError(f"data_impl={data_impl!r}: build_train_valid_test_dpo_datasets reads jsonl files")
     splits = [split for split in ("train", "validation", "test") if data_prefix.get(split) is not None]

@@ -20,11 +20,11 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from nemo_aligner.data.nlp.builders import build_dataloader, build_train_sampler, build_validation_sampler
 from nemo_aligner.data.nlp.chat import ChatPromptTokens
 from nemo_aligner.data.nlp.collate import resolve_pad_id
 from nemo_aligner.data.nlp.dpo_dataset import DPOCollate, DPODataset, PreferencePairFormat, load_pairs
 from nemo_aligner.data.nlp.jsonl import DataError, ProblemReport, check_global_batch_fits, read_jsonl
+from nemo_aligner.data.nlp.loading import build_train_sampler, build_validation_sampler, rank_share_dataloader
 from nemo_aligner.tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -278,4 +278,4 @@ def build_dpo_dataloader(
             data_parallel_rank=data_parallel_rank,
             data_parallel_size=data_parallel_size,
         )
-    return build_dataloader(dataset, sampler, build_dpo_collate(data_cfg, tokenizer), data_cfg)
+    return rank_share_dataloader(dataset, sampler, build_dpo_collate(data_cfg, tokenizer), data_cfg)

@@ -23,8 +23,8 @@ from nemo_aligner.losses.preference import (
     preference_loss_and_metrics,
 )
 from nemo_aligner.models.alignable_interface import SupervisedInterface
-from nemo_aligner.models.nlp.gpt.nemo_aligner_api import NeMoAlignerPreferenceAPI
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, forward_tokens
+from nemo_aligner.models.nlp.gpt.nemo_aligner_api import NeMoAlignerPreferenceAPI
 from nemo_aligner.models.nlp.gpt.packed_sequences import (
     forward_packed_sequences,
     pack_sequences,

@@ -15,7 +15,9 @@ from nemo_aligner.utils.distributed import all_gather_data_parallel
 
 def _refused(name: str, instead: str):
     def method(self, *args, **kwargs):
-        raise NotImplementedError(f"{type(self).__name__}.{name} (NeMo-Aligner's forward-step API) is not provided: {instead}")
+        raise NotImplementedError(
+            f"{type(self).__name__}.{name} (NeMo-Aligner's forward-step API) is not provided: {instead}"
+        )
 
     method.__name__ = name
     method.__doc__ = f"Refused (NeMo-Aligner's forward-step API): {instead}"
