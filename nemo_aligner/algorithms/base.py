@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -137,7 +138,7 @@ class BaseTrainer:
         """Loop counters; a state from ``retrieve_custom_trainer_state_dict`` (NeMo-Aligner's resume) names its
         checkpoint, and the whole checkpoint (weights, optimizer, schedule, counters) is restored from it."""
         if RESUME_PATH_KEY in state:
-            self.resume_from(state[RESUME_PATH_KEY])
+            self.resume_from(Path(state[RESUME_PATH_KEY]))
             return
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
