@@ -128,9 +128,12 @@ def _refuse_outside_paths(unpacked_dir: Path, source: Path) -> None:
         return
     if not isinstance(tokenizer, DictConfig):
         return
+    carried = any(str(tokenizer.get(key)).startswith(ARTIFACT_PREFIX) for key in ("model", "vocab_file"))
     for key in _TOKENIZER_FILE_KEYS:
         value = tokenizer.get(key)
-        if not isinstance(value, str):
+        if not isinstance(value, str) or (key == "type" and carried):
+            # Our files name the HF tokenizer directory in `type` for NeMo; reading them never opens it
+            # (tokenizers._hf_source takes the carried artifact first).
             continue
         name = value[len(ARTIFACT_PREFIX) :] if value.startswith(ARTIFACT_PREFIX) else value
         parts = PurePosixPath(name.replace("\\", "/"))

@@ -23,7 +23,7 @@ from megatron.core.distributed import DistributedDataParallel, finalize_model_gr
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nemo_aligner.checkpoint import nemo_file
+from nemo_aligner.checkpoint import nemo_config, nemo_file
 from nemo_aligner.checkpoint.shapes import check_stored_shapes
 from nemo_aligner.checkpoint.vocab import padded_vocab_size
 from nemo_aligner.models.nlp.gpt.lora import freeze_base_weights, lora_adapters, lora_block_spec
@@ -332,27 +332,8 @@ class MegatronGPTModel(LightningModule):
         dist.barrier()
 
     def _config_and_artifacts_for_saving(self) -> tuple[DictConfig, dict[str, str]]:
-        """The config to store and the tokenizer files that travel with it as ``nemo:`` artifacts."""
-        cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
-        artifacts: dict[str, str] = {}
-        tokenizer_cfg = cfg.get("tokenizer") or {}
-        for key in ("model", "vocab_file", "merge_file", "type"):
-            value = tokenizer_cfg.get(key)
-            if not isinstance(value, str):
-                continue
-            path = Path(value)
-            if path.is_dir() and (path / "tokenizer.json").is_file():
-                # A saved HF tokenizer directory travels as its tokenizer.json plus the named special tokens.
-                path = path / "tokenizer.json"
-                hf = getattr(self.tokenizer, "tokenizer", None)
-                with open_dict(cfg):
-                    for token_key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-                        token = getattr(hf, token_key, None)
-                        if isinstance(token, str) and tokenizer_cfg.get(token_key) is None:
-                            cfg.tokenizer[token_key] = token
-            if path.is_file():
-                artifacts[f"tokenizer.{key}"] = str(path)
-        return cfg, artifacts
+        """The config to store (in the form NVIDIA NeMo restores) and the tokenizer files that travel with it."""
+        return nemo_config.config_for_nemo(self.cfg, self.tokenizer)
 
     @classmethod
     def restore_from(
