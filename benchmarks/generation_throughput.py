@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import EMBEDDED, SHAPES, build_models, machine_info, read_jsonl, write_json  # noqa: E402
-from nemo_aligner.utils.evaluation import greedy_sampling_params  # noqa: E402
+from nemo_aligner.evaluation import greedy_sampling_params  # noqa: E402
 
 GREEDY = greedy_sampling_params(end_strings=())
 ARMS = ["ours", "ours_plain", "hf", "ours_no_cache", "hf_no_cache"]

@@ -8,7 +8,7 @@ Each start model is ``scripts/build_tiny_base_model.py --with_judge --steps N`` 
 plus the judge and meta-judge conversations of ``chat_judge_train.jsonl``; cached in ``--cache_dir``). It is
 evaluated greedily on the held-out ``chat_judge_validation.jsonl`` (judge prompts for answers to validation
 questions, half of them wrong, and meta-judge comparisons of a right and a wrong judgement) by
-:func:`nemo_aligner.utils.evaluation.judge_accuracy`, which parses the outputs with ``gpt_self_rewarding_tiny.yaml``'s
+:func:`nemo_aligner.evaluation.judge_accuracy`, which parses the outputs with ``gpt_self_rewarding_tiny.yaml``'s
 regexes and score range exactly as the trainer does. Alongside: the model's own exact-match accuracy on
 ``chat_test.jsonl`` (how well it answers), since judging an arithmetic answer needs the arithmetic.
 """
@@ -26,9 +26,9 @@ CONF_DIR = REPO / "examples" / "nlp" / "gpt" / "conf"
 
 
 def evaluate(steps: int, cache_dir: Path | None, max_samples: int | None) -> dict:
+    from nemo_aligner.evaluation import exact_match_accuracy, judge_accuracy
     from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
     from nemo_aligner.utils.config import compose_config
-    from nemo_aligner.utils.evaluation import exact_match_accuracy, judge_accuracy
     from scripts.build_tiny_base_model import build_tiny_base_model
 
     started = time.perf_counter()

@@ -7,7 +7,7 @@ On 2 shared CPU cores the full study took 17 minutes, 12 of them training the fo
 ``--cache_dir`` and reused by later runs, which then take about 5 minutes).
 
 Every number is greedy exact-match accuracy on the held-out ``chat_test.jsonl`` (300 prompts never seen in
-training; the first 60 with ``--quick``), computed by :func:`nemo_aligner.utils.evaluation.exact_match_accuracy`.
+training; the first 60 with ``--quick``), computed by :func:`nemo_aligner.evaluation.exact_match_accuracy`.
 
 Start models: the tiny byte-level GPT trained from scratch with ``gpt_sft.yaml`` (``build_tiny_base_model``,
 cached), once under-trained and once at its plateau. The plateau is found by training SFT runs of increasing
@@ -140,8 +140,8 @@ class Study:
     def evaluate(self, nemo_path: Path) -> dict[str, Any]:
         """Held-out exact match of a ``.nemo`` file: ``{"accuracy", "num_samples", "per_task"}``."""
         if nemo_path not in self.evaluations:
+            from nemo_aligner.evaluation import exact_match_accuracy
             from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
-            from nemo_aligner.utils.evaluation import exact_match_accuracy
 
             start = time.monotonic()
             model = MegatronGPTModel.restore_from(nemo_path)

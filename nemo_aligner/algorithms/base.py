@@ -46,10 +46,11 @@ class BaseTrainer:
     Args:
         cfg: the loop settings (``trainer.<algorithm>``: max_epochs, max_steps, val_check_interval, save_interval,
             limit_train_batches, limit_val_batches, gradient_clip_val).
-        model: a ``SupervisedInterface`` model with megatron optimizer set up.
-        optimizer, scheduler: megatron-core optimizer and ``OptimizerParamScheduler``.
+        model: a ``SupervisedInterface`` model.
         train_dataloader, val_dataloader: dataloaders whose ``batch_sampler`` yields this rank's share of a
             global batch per step (``nemo_aligner.data.nlp.samplers``).
+        optimizer, scheduler: megatron-core optimizer and ``OptimizerParamScheduler``; built after the loop
+            (``nemo_aligner.recipes.common.assemble``), since the schedule spans the loop's ``max_steps``.
         logger: ``CustomLoggerWrapper``; ckpt_callback: ``CheckpointCallback``; run_timer: ``RunTimer``.
     """
 
@@ -60,10 +61,11 @@ class BaseTrainer:
         self,
         cfg: Mapping[str, Any],
         model,
-        optimizer,
-        scheduler,
+        *,
         train_dataloader,
         val_dataloader,
+        optimizer=None,
+        scheduler=None,
         test_dataloader=None,
         logger=None,
         ckpt_callback=None,
@@ -94,8 +96,15 @@ class BaseTrainer:
         self.health = NonFiniteGuard.from_config(cfg)
 
     # ------------------------------------------------------------------ schedule
+    @property
+    def steps_per_iteration(self) -> int:
+        """``max_epochs`` x steps per epoch (the whole run, unless iterations repeat it: SPIN, Self-Rewarding)."""
+        return int(self.cfg.get("max_epochs", 1)) * self.steps_per_epoch
+
     def _compute_max_steps(self) -> int:
-        by_epochs = int(self.cfg.get("max_epochs", 1)) * self.steps_per_epoch
+        """The run's number of optimizer steps (the LR schedule spans it): ``max_iterations`` (else 1) x
+        :attr:`steps_per_iteration`, capped by ``max_steps``."""
+        by_epochs = int(self.cfg.get("max_iterations", 1)) * self.steps_per_iteration
         max_steps = int(self.cfg.get("max_steps", -1) or -1)
         return by_epochs if max_steps < 0 else min(max_steps, by_epochs)
 

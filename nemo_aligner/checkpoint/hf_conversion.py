@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from nemo_aligner.models.nlp.gpt.model_config import padded_vocab_size
+from nemo_aligner.checkpoint.vocab import padded_vocab_size
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from megatron.core import parallel_state
@@ -48,8 +48,17 @@ from nemo_aligner.utils.distributed import (
     send_to_next_pipeline_stage,
 )
 
-if TYPE_CHECKING:
-    from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+
+class GenerationModel(Protocol):
+    """What generation reads of a model (a ``MegatronGPTModel`` of ``nemo_aligner.models``; generation sits below
+    the models and does not import them)."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    transformer_config: Any
+    autocast_dtype: torch.dtype | None
+    encoder_seq_length: int
+    padded_vocab_size: int
 
 
 @dataclass
@@ -77,7 +86,7 @@ class GenerationOutput:
 
 
 def generate(
-    model: MegatronGPTModel,
+    model: GenerationModel,
     prompts: Sequence[Sequence[int]],
     sampling_params: Mapping[str, Any],
     length_params: Mapping[str, Any],
@@ -143,7 +152,7 @@ def generate(
     )
 
 
-def _model_autocast(model: MegatronGPTModel) -> torch.autocast:
+def _model_autocast(model: GenerationModel) -> torch.autocast:
     """The mixed-precision context ``MegatronGPTModel.forward`` runs under."""
     device_type = next(model.parameters()).device.type
     return torch.autocast(device_type, dtype=model.autocast_dtype, enabled=model.autocast_dtype is not None)
@@ -166,7 +175,7 @@ class _BatchDecoder:
 
     def __init__(
         self,
-        model: MegatronGPTModel,
+        model: GenerationModel,
         sampling: SamplingParams,
         min_length: int,
         end: EndDetector,

@@ -15,6 +15,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -229,3 +230,23 @@ def all_gather_data_parallel(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(parallel_state.get_data_parallel_world_size())]
     dist.all_gather(parts, local, group=parallel_state.get_data_parallel_group())
     return torch.cat(parts).to(tensor.device)
+
+
+def gather_data_parallel_objects(local: Any) -> list[Any]:
+    """Every data-parallel rank's ``local`` (any picklable object), in rank order; ``[local]`` without data
+    parallelism. Tensors inside travel through host memory: pass CPU tensors."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return [local]
+    gathered = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(gathered, local, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
+    return gathered
+
+
+def union_over_data_parallel(local: dict) -> dict:
+    """Every data-parallel rank's dict merged into one (each rank holds different keys)."""
+    merged: dict = {}
+    for part in gather_data_parallel_objects(local):
+        merged.update(part)
+    return merged

@@ -180,12 +180,12 @@ def step_health_metrics(guard: NonFiniteGuard, batch: Mapping[str, Any]) -> dict
     """Metrics of a training step's health, logged only when non-zero: ``skipped_steps`` (non-finite steps dropped
     so far) and ``excluded_pairs`` (pairs of this global batch outside the loss: identical chosen and rejected, or
     marked by the algorithm; fillers not counted)."""
-    from nemo_aligner.data.nlp.samplers import FILLER_INDEX
     from nemo_aligner.utils.distributed import all_gather_data_parallel
 
     metrics = {"skipped_steps": float(guard.skipped)} if guard.skipped else {}
     if isinstance(batch.get("valid"), torch.Tensor) and isinstance(batch.get("sample_index"), torch.Tensor):
-        excluded = ((batch["sample_index"] != FILLER_INDEX) & (batch["valid"] == 0)).sum().reshape(1)
+        real = batch["sample_index"] >= 0  # fillers have a negative index (data.nlp.samplers.FILLER_INDEX)
+        excluded = (real & (batch["valid"] == 0)).sum().reshape(1)
         total = float(all_gather_data_parallel(excluded).sum())
         if total:
             metrics["excluded_pairs"] = total

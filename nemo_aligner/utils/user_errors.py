@@ -21,16 +21,20 @@ USER_ERROR_EXIT = 1
 INTERRUPTED_EXIT = 130
 
 
+class UserError(Exception):
+    """Base of the errors whose message is for the user (layers above ``utils`` derive theirs from it, e.g. the
+    data files' ``DataError``), so this module need not import them."""
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """The exception types that report a user's mistake (imported here, not at module load: no import cycles)."""
     from nemo_aligner.checkpoint.nemo_file import NemoFormatError
     from nemo_aligner.checkpoint.trainer_checkpoint import CheckpointError
-    from nemo_aligner.data.nlp.jsonl import DataError
     from nemo_aligner.utils.config_validation import ConfigError
     from nemo_aligner.utils.health import NonFiniteError
     from nemo_aligner.utils.run_lock import RunLockedError
 
-    return (ConfigError, DataError, NemoFormatError, CheckpointError, FileNotFoundError, NonFiniteError, RunLockedError)
+    return (ConfigError, UserError, NemoFormatError, CheckpointError, FileNotFoundError, NonFiniteError, RunLockedError)
 
 
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:

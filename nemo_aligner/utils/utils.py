@@ -41,8 +41,11 @@ def load_and_override_model_config(
 def merge_over_checkpoint_config(checkpoint_cfg: DictConfig, user_cfg: DictConfig | dict) -> DictConfig:
     """``user_cfg`` merged over ``checkpoint_cfg``: nested mappings merge key by key, and wherever the two disagree
     on the kind of value (e.g. a checkpoint's pretraining ``data.data_prefix`` list against a DPO
-    ``{train: [...], ...}`` mapping) the user's value replaces the checkpoint's instead of failing."""
+    ``{train: [...], ...}`` mapping) the user's value replaces the checkpoint's instead of failing. The checkpoint's
+    ``peft`` section is left out: a ``.nemo`` holds plain weights, so only the run's own ``model.peft`` adds
+    adapters."""
     merged = OmegaConf.to_container(checkpoint_cfg, resolve=False)
+    merged.pop("peft", None)
     _merge_into(merged, OmegaConf.to_container(OmegaConf.create(user_cfg), resolve=False))
     return OmegaConf.create(merged)
 

@@ -1,12 +1,14 @@
-"""Collate: right padding with the pad id, rounding to a multiple, fillers, micro-batch splitting."""
+"""Collate: right padding with the pad id, rounding to a multiple, fillers, length-bucketed micro batches."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nemo_aligner.data.nlp.collate import SFTCollate, filler_item, resolve_pad_id, split_micro_batches
+from nemo_aligner.data.nlp.collate import SFTCollate, filler_item, resolve_pad_id
 from nemo_aligner.tokenizers import ByteLevelTokenizer
+from nemo_aligner.utils.batching import length_bucketed_micro_batches
+from nemo_aligner.utils.distributed import initialize_distributed
 
 PAD = 1
 
@@ -49,11 +51,15 @@ def test_pad_id_falls_back_to_eos():
     assert resolve_pad_id(NoPad()) == 0
 
 
-def test_split_micro_batches_trims_each_to_its_longest():
-    batch = SFTCollate(PAD)([*ITEMS, filler_item(PAD)])
-    first, second = split_micro_batches(batch, 2)
-    assert first["input_ids"].shape == (2, 5) and second["input_ids"].shape == (2, 1)
-    assert second["sample_index"].tolist() == [-1, -1]
-    assert split_micro_batches(batch, 2, pad_length_to_multiple_of=4)[1]["input_ids"].shape == (2, 4)
-    with pytest.raises(ValueError, match="does not split"):
-        split_micro_batches(batch, 3)
+def test_collated_batches_cut_into_length_buckets_each_trimmed_to_its_longest():
+    initialize_distributed()  # one process: no pipeline, so micro batches are trimmed
+    batch = SFTCollate(PAD)([*ITEMS, filler_item(PAD)])  # lengths 3, 5, 1, 1
+    keys = ("input_ids", "loss_mask")
+    (short, long), order = length_bucketed_micro_batches(batch, 2, batch["lengths"], keys)
+    assert order.tolist() == [2, 3, 0, 1]  # stable sort by length: the two fillers first
+    assert short["input_ids"].shape == (2, 1) and long["input_ids"].shape == (2, 5)
+    assert short["sample_index"].tolist() == [-1, -1] and long["sample_index"].tolist() == [3, 0]
+    rounded, _ = length_bucketed_micro_batches(batch, 2, batch["lengths"], keys, multiple_of=4)
+    assert [m["input_ids"].shape[1] for m in rounded] == [4, 5]  # rounded up to 4, never past the batch's width
+    with pytest.raises(ValueError, match="do not split"):
+        length_bucketed_micro_batches(batch, 3, batch["lengths"], keys)

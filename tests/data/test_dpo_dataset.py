@@ -17,9 +17,11 @@ from nemo_aligner.data.nlp.dpo_builders import (
     build_dpo_datasets,
     default_rewards,
 )
-from nemo_aligner.data.nlp.dpo_dataset import DPOCollate, scoring_lines, split_dpo_micro_batches
+from nemo_aligner.data.nlp.dpo_dataset import DPOCollate, scoring_lines
 from nemo_aligner.data.nlp.jsonl import DataError
 from nemo_aligner.tokenizers import build_tokenizer
+from nemo_aligner.utils.batching import length_bucketed_micro_batches
+from nemo_aligner.utils.distributed import initialize_distributed
 
 S, T = 514, 513  # <extra_id_0>, <extra_id_1> in the conftest byte-level tokenizer
 EOS = 0  # byte-level EOS id (pad is 1)
@@ -348,8 +350,11 @@ def test_collate_masks_by_hand():
     assert DPOCollate(pad_id=1, pad_length_to_multiple_of=4)(items)["chosen"].shape == (2, 8)
     assert DPOCollate(pad_id=1, pad_length_to_multiple_of=4, max_length=6)(items)["rejected_mask"].shape == (2, 6)
 
-    micro = split_dpo_micro_batches(batch, 1)
-    assert [m["chosen"].shape[1] for m in micro] == [4, 5]
+    initialize_distributed()  # one process: no pipeline, so micro batches are trimmed
+    keys = ("chosen", "rejected", "chosen_mask", "rejected_mask")
+    ends = torch.maximum(batch["chosen_lengths"], batch["rejected_lengths"])  # one past the last response token
+    micro, order = length_bucketed_micro_batches(batch, 1, ends, keys)
+    assert order.tolist() == [0, 1] and [m["chosen"].shape[1] for m in micro] == [4, 5]
     assert micro[0]["chosen_mask"].tolist() == [[0, 0, 1, 1]] and micro[1]["valid"].tolist() == [1.0]
 
 

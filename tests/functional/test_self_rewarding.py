@@ -17,9 +17,9 @@ from examples.nlp.gpt.train_gpt_self_rewarding import main as self_rewarding_mai
 from examples.nlp.gpt.train_gpt_self_rewarding import validate_self_rewarding_config
 from nemo_aligner.checkpoint.nemo_file import open_nemo, read_torch_dist_tensors
 from nemo_aligner.data.embedded import JUDGE_SCORE_HIGH
+from nemo_aligner.evaluation import rollout_judge_quality
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.config_validation import ConfigError
-from nemo_aligner.utils.evaluation import rollout_judge_quality
 from tests.functional.sft_runs import REPO, SCRIPTS
 
 EMBEDDED = REPO / "nemo_aligner" / "data" / "embedded"

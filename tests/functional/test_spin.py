@@ -208,6 +208,14 @@ def test_kl_penalty_list_shorter_than_iterations_is_a_config_error(tmp_path, nem
         spin_main(cfg)
 
 
+def test_lora_outside_dpo_is_a_config_error(tmp_path, nemo_fixtures_dir):
+    """SPIN's reference moves every iteration: adapters-off is no reference for it, so model.peft is refused."""
+    model_path = nemo_fixtures_dir / "tiny_gpt_rms_swiglu_rope_gqa.nemo"
+    cfg = spin_config(tmp_path, model_path, "++model.peft.peft_scheme=lora")
+    with pytest.raises(ConfigError, match=r"model\.peft\.peft_scheme: LoRA is supported by DPO only"):
+        spin_main(cfg)
+
+
 @pytest.mark.slow
 def test_custom_pipeline_example_from_the_user_docs(tmp_path, tiny_sft_model):
     """The usage example of NeMo-Aligner's MegatronGPTSPINModel page, as written, with our trainer."""
@@ -243,7 +251,7 @@ def test_mixing_previous_generations_trains_on_both_iterations(tmp_path, tiny_sf
     """With mix_previous_generations iteration 2 draws prompt i together with its iteration-1 pair (index N + i)."""
     import torch as _torch
 
-    from nemo_aligner.algorithms.spin import SPINBatchSampler
+    from nemo_aligner.data.nlp.pairs import SPINBatchSampler
 
     spin_main(
         spin_config(

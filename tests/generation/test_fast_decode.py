@@ -7,7 +7,6 @@ import torch
 
 from nemo_aligner.generation import decoding
 from nemo_aligner.generation.fast_decode import unsupported_reason
-from nemo_aligner.models.nlp.gpt.lora import apply_lora
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.utils import cpu_support
 from tests.conftest import perturb_, tiny_model_cfg
@@ -78,7 +77,7 @@ def test_unsupported_models_decode_through_megatron(monkeypatch):
         assert "megatron-core 0.17.0" in unsupported_reason(model.model, None)
     sdpa = build(local_core_attention="sdpa")
     assert "plain local-spec layer" in unsupported_reason(sdpa.model, None)
-    apply_lora(model, {"peft_scheme": "lora", "lora_tuning": {"target_modules": ["attention_qkv"], "adapter_dim": 4}})
+    model = build(peft={"peft_scheme": "lora", "lora_tuning": {"target_modules": ["attention_qkv"], "adapter_dim": 4}})
     assert "plain local-spec layer" in unsupported_reason(model.model, None)
     prompts = random_prompts([5, 9], seed=7)
     assert_same_generation(model, prompts, GREEDY, {"max_length": 8, "min_length": 0})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nemo_aligner.evaluation import greedy_sampling_params
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
-from nemo_aligner.utils.evaluation import greedy_sampling_params
 from tests.conftest import perturb_, tiny_model_cfg
 
 GREEDY = greedy_sampling_params(end_strings=())

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear
+from omegaconf import OmegaConf
 
 from nemo_aligner.checkpoint import nemo_file
 from nemo_aligner.checkpoint.trainer_checkpoint import load_checkpoint, save_checkpoint
 from nemo_aligner.models.nlp.gpt.lora import (
-    apply_lora,
     load_lora_adapters,
     lora_adapters,
+    lora_block_spec,
     merge_lora_adapters,
     resolve_layer_selection,
     resolve_target_modules,
     save_lora_adapters,
 )
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+from nemo_aligner.models.nlp.gpt.model_config import layer_spec
+from nemo_aligner.models.nlp.gpt.reference import lora_adapters_disabled
 from nemo_aligner.utils.logprobs import shifted_logprobs
+from nemo_aligner.utils.train_script_utils import configure_peft
 from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
 from tests.conftest import perturb_, tiny_model_cfg
 from tests.distributed.multiprocess import run_distributed
@@ -40,6 +46,19 @@ def _base_model() -> MegatronGPTModel:
 
 def _peft(**tuning) -> dict:
     return {"peft_scheme": "lora", "lora_tuning": {"adapter_dim": 4, **tuning}}
+
+
+def _with_lora(base: MegatronGPTModel, peft: dict) -> MegatronGPTModel:
+    """A model built with the adapters of ``peft`` and ``base``'s weights (adapters from their seeded init)."""
+    model = MegatronGPTModel({**tiny_model_cfg(), "peft": peft}).eval()
+    model.load_model_state_dict(base.model_state_dict_in_cpu())
+    return model
+
+
+def _lora_from(path, peft: dict, **overrides) -> MegatronGPTModel:
+    """A ``.nemo``'s base model built with the adapters of ``peft``."""
+    cfg = load_and_override_model_config(path, {**overrides, "peft": peft})
+    return load_from_nemo(MegatronGPTModel, cfg, restore_path=path).eval()
 
 
 def _logits(model: MegatronGPTModel, ids: torch.Tensor = IDS) -> torch.Tensor:
@@ -80,38 +99,34 @@ def test_bad_settings_name_their_key():
     for selection in ([0], [5], []):
         with pytest.raises(ValueError, match=r"model\.peft\.lora_tuning\.layer_selection"):
             resolve_layer_selection(selection, num_layers=4)
-    model = _base_model()
     with pytest.raises(ValueError, match=r"model\.peft\.peft_scheme='ptuning'"):
-        apply_lora(model, {"peft_scheme": "ptuning"})
+        MegatronGPTModel({**tiny_model_cfg(), "peft": {"peft_scheme": "ptuning"}})
     with pytest.raises(ValueError, match=r"model\.peft\.lora_tuning\.row_init_method='ones'"):
-        apply_lora(model, _peft(row_init_method="ones"))
+        MegatronGPTModel({**tiny_model_cfg(), "peft": _peft(row_init_method="ones")})
     with pytest.raises(ValueError, match=r"model\.peft\.lora_tuning\.target_modules: unknown target 'lm_head'"):
-        apply_lora(model, _peft(target_modules=["attention_qkv", "lm_head"]))
-    model.transformer_config.sequence_parallel = True
+        MegatronGPTModel({**tiny_model_cfg(), "peft": _peft(target_modules=["attention_qkv", "lm_head"])})
+    model = _base_model()
+    config = copy.copy(model.transformer_config)
+    config.sequence_parallel = True
     with pytest.raises(ValueError, match=r"model\.sequence_parallel"):
-        apply_lora(model, _peft())
-    model.transformer_config.sequence_parallel = False
-    assert apply_lora(model, {"peft_scheme": "none"}) == [] and not hasattr(model, "lora_adapters_disabled")
-    assert all(p.requires_grad for p in model.parameters())  # the failed calls changed nothing
-    apply_lora(model, _peft())
-    with pytest.raises(RuntimeError, match="already has LoRA adapters"):
-        apply_lora(model, _peft())
-    moe_like = _base_model()
-    moe_like.model.decoder.layers[1].mlp.linear_fc2 = torch.nn.Identity()
+        lora_block_spec(layer_spec(model.cfg, config), _peft(), config, seed=0)
+    plain = MegatronGPTModel({**tiny_model_cfg(), "peft": {"peft_scheme": "none"}})
+    assert not lora_adapters(plain) and all(p.requires_grad for p in plain.parameters())
+    # A model is built with its adapters, so its base is frozen before any optimizer exists.
+    adapted = MegatronGPTModel({**tiny_model_cfg(), "peft": _peft()})
+    assert lora_adapters(adapted) and all(".adapter." in name for name, _ in _trainable(adapted).items())
+    moe_like = layer_spec(model.cfg, model.transformer_config)
+    moe_like.layer_specs = [copy.deepcopy(spec) for spec in moe_like.layer_specs]
+    moe_like.layer_specs[1].submodules.mlp.submodules.linear_fc2 = torch.nn.Identity
     with pytest.raises(ValueError, match=r"mlp_fc2 needs megatron-core's RowParallelLinear at layer 2 mlp\.linear_fc2"):
-        apply_lora(moe_like, _peft(target_modules=["all"]))
-    assert all(p.requires_grad for p in moe_like.parameters()) and not lora_adapters(moe_like)  # checked first
-    late = _base_model()
-    late.setup_optimization(OPTIM, max_steps=1)
-    with pytest.raises(RuntimeError, match="before model.setup_optimization"):
-        apply_lora(late, _peft())
+        lora_block_spec(moe_like, _peft(target_modules=["all"]), model.transformer_config, seed=0)
 
 
 def test_zero_initialised_b_leaves_the_model_unchanged_and_freezes_the_base():
     model = _base_model()
     base = _logits(model)
-    names = apply_lora(model, _peft(target_modules=["all"], layer_selection=[2]))
-    assert names == [f"decoder.layers.1.{path}" for path in LINEARS]
+    model = _with_lora(model, _peft(target_modules=["all"], layer_selection=[2]))
+    assert set(lora_adapters(model)) == {f"decoder.layers.1.{path}.adapter" for path in LINEARS}
     assert torch.equal(_logits(model), base)  # B = 0: every adapter adds exact zeros
     assert set(_trainable(model)) == {
         f"model.decoder.layers.1.{path}.adapter.lora_{ab}.weight" for path in LINEARS for ab in "ab"
@@ -131,10 +146,10 @@ def test_zero_initialised_b_leaves_the_model_unchanged_and_freezes_the_base():
 def test_adapters_disabled_compute_the_base_model_bit_exactly():
     model = _base_model()
     base = _logits(model)
-    apply_lora(model, _peft(target_modules=["all"], row_init_method="normal", alpha=8))
+    model = _with_lora(model, _peft(target_modules=["all"], row_init_method="normal", alpha=8))
     adapted = _logits(model)
     assert (adapted - base).abs().max() > 1e-2
-    with model.lora_adapters_disabled():
+    with lora_adapters_disabled(model):
         assert torch.equal(_logits(model), base)
     assert torch.equal(_logits(model), adapted)
 
@@ -168,8 +183,7 @@ def _train(model: MegatronGPTModel, data: torch.Tensor, steps: int) -> list[floa
 def test_training_moves_only_the_adapters_and_resumes_from_a_trainer_checkpoint(tmp_path):
     peft = _peft(target_modules=["all"], layer_selection=[1, 2])
     data = torch.randint(0, 200, (4, 24), generator=torch.Generator().manual_seed(4))
-    model = _base_model()
-    apply_lora(model, peft)
+    model = _with_lora(_base_model(), peft)
     before = model.model_state_dict_in_cpu()
     model.setup_optimization(OPTIM, max_steps=8, gradient_clip_val=1.0)
     losses = _train(model, data, 6)
@@ -184,8 +198,7 @@ def test_training_moves_only_the_adapters_and_resumes_from_a_trainer_checkpoint(
         return {"model": model_state, "optimizer": m.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
     path = save_checkpoint(tmp_path, "step6", sharded(model), {})
-    resumed = _base_model()
-    apply_lora(resumed, peft)
+    resumed = _with_lora(_base_model(), peft)
     resumed.setup_optimization(OPTIM, max_steps=8, gradient_clip_val=1.0)
     state, _ = load_checkpoint(path, sharded(resumed, is_loading=True))
     resumed.load_model_state_dict(state["model"])
@@ -198,14 +211,14 @@ def test_training_moves_only_the_adapters_and_resumes_from_a_trainer_checkpoint(
 def test_merge_matches_the_adapted_model_and_save_to_writes_plain_models(tmp_path):
     model = _base_model()
     base = _logits(model)
-    apply_lora(model, _peft(target_modules=["all"], row_init_method="normal"))
+    model = _with_lora(model, _peft(target_modules=["all"], row_init_method="normal"))
     adapted = _logits(model)
     # Unmerged, save_to writes the base model: a normal .nemo without adapters.
     model.save_to(tmp_path / "base.nemo")
     assert torch.equal(_logits(MegatronGPTModel.restore_from(tmp_path / "base.nemo").eval()), base)
 
     merge_lora_adapters(model)
-    assert not hasattr(model, "lora_adapters_disabled") and not lora_adapters(model)
+    assert not lora_adapters(model)
     assert not any(".adapter." in name for name in model.model_state_dict_in_cpu())
     merged = _logits(model)
     # fp32: (W + s B A) x and W x + s B (A x) differ by rounding only (logits are O(1))
@@ -218,8 +231,7 @@ def test_merge_matches_the_adapted_model_and_save_to_writes_plain_models(tmp_pat
 
 def test_adapter_checkpoint_round_trip_names_and_mismatches(tmp_path):
     peft = _peft(target_modules=["attention_qkv", "mlp"], layer_selection=[2], row_init_method="normal")
-    model = _base_model()
-    apply_lora(model, peft)
+    model = _with_lora(_base_model(), peft)
     _perturb_adapters(model, seed=1)
     expected = _logits(model)
     save_lora_adapters(model, tmp_path / "adapters")
@@ -238,25 +250,21 @@ def test_adapter_checkpoint_round_trip_names_and_mismatches(tmp_path):
     plain = {v.key for v in _base_model().sharded_state_dict().values()}
     assert full == plain | set(stored)
 
-    fresh = _base_model()
-    apply_lora(fresh, peft)
+    fresh = _with_lora(_base_model(), peft)
     assert not torch.equal(_logits(fresh), expected)
     load_lora_adapters(fresh, tmp_path / "adapters")
     assert torch.equal(_logits(fresh), expected)
-    from_config = _base_model()
-    apply_lora(from_config, {**peft, "restore_from_path": str(tmp_path / "adapters")})
+    from_config = _with_lora(_base_model(), peft)
+    configure_peft(from_config, OmegaConf.create({"peft": {**peft, "restore_from_path": str(tmp_path / "adapters")}}))
     assert torch.equal(_logits(from_config), expected)
 
-    more_targets = _base_model()
-    apply_lora(more_targets, _peft(target_modules=["all"], layer_selection=[2]))
+    more_targets = _with_lora(_base_model(), _peft(target_modules=["all"], layer_selection=[2]))
     with pytest.raises(ValueError, match=r"linear_proj\.adapter\.lora_a\.weight: expected by the config, absent"):
         load_lora_adapters(more_targets, tmp_path / "adapters")
-    fewer_targets = _base_model()
-    apply_lora(fewer_targets, _peft(target_modules=["attention_qkv"], layer_selection=[2]))
+    fewer_targets = _with_lora(_base_model(), _peft(target_modules=["attention_qkv"], layer_selection=[2]))
     with pytest.raises(ValueError, match=r"linear_fc2\.adapter\.lora_a\.weight(.|\n)*must match those saved"):
         load_lora_adapters(fewer_targets, tmp_path / "adapters")
-    other_alpha = _base_model()
-    apply_lora(other_alpha, {**peft, "lora_tuning": {**peft["lora_tuning"], "alpha": 8}})
+    other_alpha = _with_lora(_base_model(), {**peft, "lora_tuning": {**peft["lora_tuning"], "alpha": 8}})
     with pytest.raises(ValueError, match=r"model\.peft\.lora_tuning\.alpha"):
         load_lora_adapters(other_alpha, tmp_path / "adapters")
 
@@ -284,9 +292,8 @@ def _tp2_shard(name: str, full: torch.Tensor, rank: int) -> torch.Tensor:
 def tp2_world(base_path: str, adapters_path: str, save_dir: str, peft: dict, input_ids: list) -> dict:
     """On each of 2 ranks at TP=2: adapters saved at TP=1, logits, gradients, merge; saves adapters and merged."""
     ids = torch.tensor(input_ids)
-    cfg = load_and_override_model_config(base_path, {"tensor_model_parallel_size": 2})
-    model = load_from_nemo(MegatronGPTModel, cfg, restore_path=base_path).eval()
-    apply_lora(model, {**peft, "restore_from_path": adapters_path})
+    model = _lora_from(base_path, peft, tensor_model_parallel_size=2)
+    load_lora_adapters(model, adapters_path)
     assert parallel_state.get_tensor_model_parallel_world_size() == 2
     adapters = {name: p.detach().clone() for name, p in _trainable(model).items()}
     logits = _gather_vocab(_logits(model, ids))
@@ -304,7 +311,7 @@ def test_tp2_adapters_match_tp1_forward_backward_merge_and_checkpoints(tmp_path)
     peft = _peft(target_modules=["all"], row_init_method="normal")
     model = _base_model()
     model.save_to(tmp_path / "base.nemo")
-    apply_lora(model, peft)
+    model = _with_lora(model, peft)
     _perturb_adapters(model, seed=1)
     save_lora_adapters(model, tmp_path / "adapters")
     adapters = {name: p.detach().clone() for name, p in _trainable(model).items()}
@@ -336,8 +343,8 @@ def test_tp2_adapters_match_tp1_forward_backward_merge_and_checkpoints(tmp_path)
         assert (result["merged_logits"] - merged_logits).abs().max() < 1e-5
 
     # Saved at TP=2, read at TP=1: the same adapters, and merged weights equal to merging at TP=1.
-    back = MegatronGPTModel.restore_from(tmp_path / "base.nemo").eval()
-    apply_lora(back, {**peft, "restore_from_path": str(tmp_path / "out" / "tp2_adapters")})
+    back = _lora_from(tmp_path / "base.nemo", peft)
+    load_lora_adapters(back, tmp_path / "out" / "tp2_adapters")
     for name, value in _trainable(back).items():
         assert torch.equal(value, adapters[name]), name
     merged_path = tmp_path / "out" / "tp2_merged.nemo"
@@ -345,3 +352,14 @@ def test_tp2_adapters_match_tp1_forward_backward_merge_and_checkpoints(tmp_path)
     merged_tp2 = load_from_nemo(MegatronGPTModel, tp1_cfg, restore_path=merged_path).model_state_dict_in_cpu()
     for key, value in model.model_state_dict_in_cpu().items():
         assert (merged_tp2[key] - value).abs().max() <= 1e-6, key  # B @ A per shard: rounding at most
+
+
+def test_a_nemo_file_never_brings_adapters(tmp_path):
+    """A LoRA run's .nemo holds plain weights; its config's peft section must not add adapters when it is read."""
+    model = _with_lora(_base_model(), _peft(target_modules=["all"], row_init_method="normal"))
+    model.save_to(tmp_path / "base.nemo")
+    with nemo_file.open_nemo(tmp_path / "base.nemo", with_weights=False) as unpacked:
+        assert nemo_file.read_model_config(unpacked).peft.peft_scheme == "lora"
+    restored = MegatronGPTModel.restore_from(tmp_path / "base.nemo")
+    assert not lora_adapters(restored) and all(p.requires_grad for p in restored.parameters())
+    assert "peft" not in load_and_override_model_config(tmp_path / "base.nemo", {"seed": 7})

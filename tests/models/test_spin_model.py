@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nemo_aligner.algorithms.spin import SPINPairsDataset, spin_custom_collate
+from nemo_aligner.algorithms.spin import spin_custom_collate
 from nemo_aligner.checkpoint.trainer_checkpoint import load_checkpoint, save_checkpoint
 from nemo_aligner.data.nlp.builders import build_sft_dataset
+from nemo_aligner.data.nlp.pairs import SPINPairsDataset
 from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import REFERENCE_PREFIX, MegatronGPTSPINModel
 from nemo_aligner.utils.utils import retrieve_model_state_dict_in_cpu
 from tests.conftest import perturb_, tiny_model_cfg

@@ -15,22 +15,20 @@ import json
 import logging
 from pathlib import Path
 
-from megatron.core import parallel_state
 from omegaconf import DictConfig, open_dict
 
-from nemo_aligner.algorithms.dpo import compute_reference_logprobs
 from nemo_aligner.data.nlp.dpo_builders import build_dpo_dataloader, build_dpo_dataset
 from nemo_aligner.data.nlp.dpo_dataset import scoring_lines
 from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
-from nemo_aligner.utils.config import hydra_runner
-from nemo_aligner.utils.distributed import is_global_rank_zero
-from nemo_aligner.utils.train_script_utils import (
+from nemo_aligner.models.nlp.gpt.reference import compute_reference_logprobs
+from nemo_aligner.recipes.common import (
     build_model,
+    data_parallel_layout,
     model_config_for_training,
     resolve_and_create_trainer,
-    set_model_parallel_from_config,
 )
-from nemo_aligner.utils.utils import build_tokenizer_for
+from nemo_aligner.utils.config import hydra_runner
+from nemo_aligner.utils.distributed import is_global_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +43,7 @@ def main(cfg: DictConfig) -> None:
     model_cfg = model_config_for_training(cfg, restore_path)
     with open_dict(model_cfg):
         model_cfg.data.seq_length = min(int(model_cfg.data.seq_length), int(model_cfg.encoder_seq_length))
-    set_model_parallel_from_config(model_cfg)
-    tokenizer = build_tokenizer_for(model_cfg, restore_path)
+    tokenizer, layout = data_parallel_layout(model_cfg, restore_path)
     dataset = build_dpo_dataset(
         model_cfg.data, cfg.data_path, tokenizer, dpo_cfg=model_cfg.get("dpo"), name="data_path"
     )
@@ -57,10 +54,9 @@ def main(cfg: DictConfig) -> None:
         model_cfg.data,
         dataset,
         tokenizer,
-        per_rank * parallel_state.get_data_parallel_world_size(),
+        per_rank * layout["data_parallel_size"],
         train=False,
-        data_parallel_rank=parallel_state.get_data_parallel_rank(),
-        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+        **layout,
     )
     table = compute_reference_logprobs(model, dataloader)
     if is_global_rank_zero():

@@ -73,24 +73,3 @@ class SFTCollate:
             "prompt_lengths": torch.tensor([item["prompt_length"] for item in items], dtype=torch.long),
             "sample_index": torch.tensor([item["sample_index"] for item in items], dtype=torch.long),
         }
-
-
-def split_micro_batches(
-    batch: dict[str, torch.Tensor], micro_batch_size: int, pad_length_to_multiple_of: int | None = None
-) -> list[dict[str, torch.Tensor]]:
-    """Cut a collated batch (one rank's share of a global batch) into consecutive micro batches.
-
-    Each micro batch is trimmed to its own longest sample (rounded up to ``pad_length_to_multiple_of``), so a
-    micro batch of short samples does not carry the padding of the longest sample of the step.
-    """
-    size = batch["input_ids"].shape[0]
-    if size % micro_batch_size:
-        raise ValueError(f"a batch of {size} samples does not split into micro batches of {micro_batch_size}")
-    micro_batches = []
-    for start in range(0, size, micro_batch_size):
-        part = {key: value[start : start + micro_batch_size] for key, value in batch.items()}
-        width = padded_length(int(part["lengths"].max()), pad_length_to_multiple_of, batch["input_ids"].shape[1])
-        part["input_ids"] = part["input_ids"][:, :width]
-        part["loss_mask"] = part["loss_mask"][:, :width]
-        micro_batches.append(part)
-    return micro_batches

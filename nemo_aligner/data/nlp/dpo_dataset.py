@@ -432,28 +432,6 @@ class DPOCollate:
         return batch
 
 
-_SEQUENCE_KEYS = ("chosen", "rejected", "chosen_mask", "rejected_mask")
-
-
-def split_dpo_micro_batches(
-    batch: dict[str, torch.Tensor], micro_batch_size: int, pad_length_to_multiple_of: int | None = None
-) -> list[dict[str, torch.Tensor]]:
-    """Cut a collated batch into consecutive micro batches, each trimmed to its own longest sequence (rounded up
-    to ``pad_length_to_multiple_of``), as :func:`~nemo_aligner.data.nlp.collate.split_micro_batches` does for SFT."""
-    size, width = batch["chosen"].shape
-    if size % micro_batch_size:
-        raise ValueError(f"a batch of {size} pairs does not split into micro batches of {micro_batch_size}")
-    micro_batches = []
-    for start in range(0, size, micro_batch_size):
-        part = {key: value[start : start + micro_batch_size] for key, value in batch.items()}
-        longest = int(torch.maximum(part["chosen_lengths"], part["rejected_lengths"]).max())
-        part_width = padded_length(longest, pad_length_to_multiple_of, width)
-        for key in _SEQUENCE_KEYS:
-            part[key] = part[key][:, :part_width]
-        micro_batches.append(part)
-    return micro_batches
-
-
 @dataclass(frozen=True)
 class ScoringLine:
     """One line of a dataset's files, in file order: its parsed object and its dataset index (None if dropped)."""

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nemo_aligner.utils.user_errors import UserError
+
 MAX_REPORTED_PROBLEMS = 20
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file cannot be used; the message names the file, line and key and says what is wrong."""
 
 

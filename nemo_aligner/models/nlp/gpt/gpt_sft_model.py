@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from nemo_aligner.models.alignable_interface import SupervisedInterface
-from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, causal_attention_mask
+from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, forward_tokens
 from nemo_aligner.utils.batching import reduce_metric_sums, split_into_micro_batches
 from nemo_aligner.utils.logprobs import shifted_logprobs
 
@@ -19,16 +19,20 @@ def masked_token_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> tuple[t
     return -(logprobs * mask).sum(), mask.sum()
 
 
-class GPTSFTModel(MegatronGPTModel, SupervisedInterface):
-    """A GPT trained on answer tokens only; the loss is the mean over every scored token of the global batch."""
+class SFTLoss:
+    """The SFT loss of a ``MegatronGPTModel``: the mean NLL over every scored (answer) token of the global batch.
 
-    def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
+    A mixin: :class:`GPTSFTModel` trains with it; the SPIN model validates with it.
+    """
+
+    def sft_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
+        batch = self.to_model_device(batch)
         micro_batch_size = self.cfg.get("micro_batch_size") or batch["input_ids"].shape[0]
         micro_batches = split_into_micro_batches(batch, micro_batch_size)
         outputs = self.forward_backward(
             micro_batches,
             num_microbatches=len(micro_batches),
-            forward_step=self._forward_step,
+            forward_step=self._sft_forward_step,
             forward_only=forward_only,
             seq_length=batch["input_ids"].shape[1],
             micro_batch_size=micro_batch_size,
@@ -37,13 +41,9 @@ class GPTSFTModel(MegatronGPTModel, SupervisedInterface):
         loss = totals["loss_sum"] / max(totals["num_tokens"], 1.0)
         return loss, {"loss": loss, "num_tokens": totals["num_tokens"]}
 
-    def _forward_step(self, model_chunk, micro_batch: dict):
+    def _sft_forward_step(self, model_chunk, micro_batch: dict):
         input_ids = micro_batch["input_ids"]
-        output = model_chunk(
-            input_ids=input_ids,
-            position_ids=torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids),
-            attention_mask=causal_attention_mask(input_ids.shape[1], input_ids.device),
-        )
+        output = forward_tokens(model_chunk, input_ids)
 
         def loss_func(logits: torch.Tensor):
             loss_sum, num_tokens = masked_token_nll(shifted_logprobs(logits, input_ids), micro_batch["loss_mask"])
@@ -51,3 +51,10 @@ class GPTSFTModel(MegatronGPTModel, SupervisedInterface):
             return loss_sum, num_tokens.to(torch.int), metrics
 
         return output, loss_func
+
+
+class GPTSFTModel(SFTLoss, MegatronGPTModel, SupervisedInterface):
+    """A GPT trained on answer tokens only (:class:`SFTLoss`)."""
+
+    def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
+        return self.sft_loss_and_metrics(batch, forward_only)

@@ -1,4 +1,9 @@
-"""LoRA (Hu et al. 2021, arXiv 2106.09685) for the megatron-core GPT of :class:`MegatronGPTModel`.
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) for the megatron-core GPT of ``MegatronGPTModel``.
+
+A model whose config has ``peft.peft_scheme: lora`` is built with its adapters: :func:`lora_block_spec` puts
+LoRA linears (megatron's ``ColumnParallelLinear``/``RowParallelLinear`` with an ``adapter`` submodule) into the
+layer spec, so the base weights keep their names and checkpoint layout, and the model freezes every base weight.
+megatron-core 0.16.1 has no LoRA of its own (only inference-side adapters).
 
 An adapted linear computes ``y = W x + (alpha / r) * B A dropout(x)`` with the base ``W`` frozen and ``A`` ``[r, in]``,
 ``B`` ``[out, r]`` trained. Adapters attach to megatron's ``linear_qkv``, ``linear_proj``, ``linear_fc1`` and
@@ -22,17 +27,20 @@ Checkpoints. ``model.sharded_state_dict()`` (trainer checkpoints) holds the adap
 ``self_attention.linear_proj``, ``mlp.linear_fc1``, ``mlp.linear_fc2``), ``i`` the 0-based global layer number,
 with the TP layout above (fc1's ``lora_b`` stored as ``[gate; up]``, as megatron stores fc1), so they reshard to
 any TP/PP. :func:`save_lora_adapters` / :func:`load_lora_adapters` write and read just those tensors as a
-megatron-core distributed checkpoint directory. ``model.save_to`` of a LoRA model writes the plain base model;
-:func:`merge_lora_adapters` folds the adapters into the base weights first when a merged ``.nemo`` is wanted.
+megatron-core distributed checkpoint directory. ``model.save_to`` of a LoRA model writes the plain base model
+(``.nemo`` weights never hold adapters); :func:`merge_lora_adapters` folds the adapters into the base weights first
+when a merged ``.nemo`` is wanted. The reference policy of a LoRA run is the base model: ``reference.py`` switches
+the adapters off (``LoRAAdapter.enabled``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import dataclasses
 import logging
 import math
-import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +51,12 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from torch import nn
 
 from nemo_aligner.checkpoint.nemo_file import NemoFormatError
-from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, _check_stored_shapes
+from nemo_aligner.checkpoint.shapes import check_stored_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +163,7 @@ class LoRAAdapter(nn.Module):
         self.tp_group = tp_group
         self.layer_index = layer_index
         self.module_path = module_path
-        self.enabled = True  # False inside lora_adapters_disabled()
+        self.enabled = True  # False while the reference policy (the base model) is computed
         self.in_checkpoints = True  # False while save_to writes the base model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,18 +220,55 @@ class LoRAAdapter(nn.Module):
         return state
 
 
+@dataclass(frozen=True)
+class AdapterSettings:
+    """What an adapted linear needs to build its adapter (``ModuleSpec.params`` of the layer spec)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    init_a: str
+    init_b: str
+    seed: int
+    layer_index: int  # 0-based global layer number
+    target: str
+    swiglu: bool
+
+    def build(self, linear: nn.Module) -> LoRAAdapter:
+        """The adapter of ``linear``: its initial weights drawn whole from a generator keyed by seed, layer and
+        target (so every TP/PP layout starts from the same adapters), then sliced to this rank."""
+        path, base_class = LORA_TARGETS[self.target]
+        target_index = list(LORA_TARGETS).index(self.target)
+        generator = torch.Generator().manual_seed(self.seed + len(LORA_TARGETS) * self.layer_index + target_index)
+        init_a = _init_method(self.init_a, "column_init_method")
+        init_b = _init_method(self.init_b, "row_init_method")
+        lora_a, lora_b = _initial_adapter_weights(linear, self.rank, init_a, init_b, generator, self.swiglu)
+        return LoRAAdapter(
+            lora_a,
+            lora_b,
+            scale=self.alpha / self.rank,
+            dropout=self.dropout,
+            row_parallel=base_class is RowParallelLinear,
+            swiglu=self.swiglu,
+            tp_group=linear.tp_group,
+            layer_index=self.layer_index,
+            module_path=path,
+        )
+
+
 class _LoRALinearMixin:
-    """Adds ``self.adapter``'s output to a megatron linear's output and gives its sharded state.
+    """A megatron linear built with a LoRA adapter at ``.adapter`` (added to its output); the base weight keeps
+    its name and megatron's checkpoint layout. ``adapter`` is ``None`` once merged into the base weight."""
 
-    :func:`apply_lora` swaps an adapted linear's class for a subclass with this mixin (as
-    ``torch.nn.utils.parametrize`` does), so the base weight keeps its name and megatron's checkpoint layout.
-    """
+    adapter: LoRAAdapter | None
 
-    adapter: LoRAAdapter
+    def __init__(self, *args: Any, lora: AdapterSettings, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.adapter = lora.build(self)
 
     def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any):
         output, bias = super().forward(input_, *args, **kwargs)
-        if self.adapter.enabled:
+        if self.adapter is not None and self.adapter.enabled:
             output = output + self.adapter(input_)
         return output, bias
 
@@ -229,7 +276,7 @@ class _LoRALinearMixin:
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         adapter_prefix = f"{prefix}adapter."
         state = {k: v for k, v in state.items() if not k.startswith(adapter_prefix)}  # megatron's replicated view
-        if self.adapter.in_checkpoints:
+        if self.adapter is not None:
             state.update(self.adapter.sharded_state_dict(adapter_prefix, sharded_offsets, metadata))
         return state
 
@@ -243,138 +290,117 @@ class LoRARowParallelLinear(_LoRALinearMixin, RowParallelLinear):
 
 
 _LORA_CLASSES = {ColumnParallelLinear: LoRAColumnParallelLinear, RowParallelLinear: LoRARowParallelLinear}
-_BASE_CLASSES = {lora: base for base, lora in _LORA_CLASSES.items()}
 
 
-def apply_lora(model: MegatronGPTModel, peft_cfg: Mapping[str, Any]) -> list[str]:
-    """Add LoRA adapters to ``model`` from its ``model.peft`` config; freeze every base weight.
+def lora_block_spec(block_spec: Any, peft_cfg: Mapping[str, Any] | None, config: Any, seed: int) -> Any:
+    """The transformer-block spec of a model with ``model.peft`` (``peft_scheme: lora``): the targeted linears of
+    the selected layers are built as LoRA linears (every setting is checked first). ``none`` returns
+    ``block_spec`` itself.
 
-    Call it after the base weights are loaded and BEFORE ``model.setup_optimization`` (megatron's DDP and
-    optimizer only take the parameters that require gradients when they are built). ``peft_scheme: none`` leaves
-    the model untouched. Afterwards ``model.lora_adapters_disabled()`` is a context in which the model computes
-    the base model exactly (DPO's reference policy), and ``model.save_to`` writes the base model without adapters.
-    ``model.peft.restore_from_path`` (optional) names an adapter checkpoint of :func:`save_lora_adapters` to load.
-
-    Returns the adapted linears' names inside ``model.model``.
+    ``block_spec`` holds one layer spec per layer of this pipeline stage (``TransformerBlockSubmodules``).
     """
+    peft_cfg = peft_cfg or {}
     scheme = peft_cfg.get("peft_scheme") or "none"
     if scheme == "none":
-        return []
+        return block_spec
     if scheme != "lora":
         raise ValueError(f"model.peft.peft_scheme={scheme!r}; choose 'lora' or 'none'")
-    if hasattr(model, "lora_adapters_disabled"):
-        raise RuntimeError("apply_lora: this model already has LoRA adapters")
-    if getattr(model, "ddp_model_chunks", None):
-        raise RuntimeError(
-            "apply_lora must run before model.setup_optimization (the optimizer would miss the adapters)"
-        )
-    config = model.transformer_config
     if config.sequence_parallel:
         raise ValueError("LoRA does not support model.sequence_parallel=True; set it to False")
-
     tuning = {**LORA_DEFAULTS, **{k: v for k, v in (peft_cfg.get("lora_tuning") or {}).items() if v is not None}}
     targets = resolve_target_modules(tuning["target_modules"])
     rank = int(tuning["adapter_dim"])
     if rank < 1:
         raise ValueError(f"model.peft.lora_tuning.adapter_dim={rank}: must be a positive integer")
-    alpha = float(tuning.get("alpha", rank))
     layers = set(resolve_layer_selection(tuning["layer_selection"], config.num_layers))
-    init_a = _init_method(tuning["column_init_method"], "column_init_method")
-    init_b = _init_method(tuning["row_init_method"], "row_init_method")
-    seed = int(model.cfg.get("seed", 1234))
-
-    chosen = [  # every target is found and checked before the model changes
-        (local_index, layer, target_index, target, _target_linear(layer, *LORA_TARGETS[target], target))
-        for local_index, layer in enumerate(model.model.decoder.layers)
-        if layer.layer_number in layers
-        for target_index, target in enumerate(LORA_TARGETS)
-        if target in targets
-    ]
-    for param in model.model.parameters():
-        param.requires_grad_(False)
-    adapted = []
-    for local_index, layer, target_index, target, linear in chosen:
-        path, base_class = LORA_TARGETS[target]
-        layer_index = layer.layer_number - 1
-        generator = torch.Generator().manual_seed(seed + len(LORA_TARGETS) * layer_index + target_index)
-        swiglu = target == "mlp_fc1" and config.gated_linear_unit
-        lora_a, lora_b = _initial_adapter_weights(linear, rank, init_a, init_b, generator, swiglu)
-        linear.__class__ = _LORA_CLASSES[base_class]
-        linear.adapter = LoRAAdapter(
-            lora_a,
-            lora_b,
-            scale=alpha / rank,
-            dropout=float(tuning["adapter_dropout"]),
-            row_parallel=base_class is RowParallelLinear,
-            swiglu=swiglu,
-            tp_group=linear.tp_group,
-            layer_index=layer_index,
-            module_path=path,
-        )
-        adapted.append(f"decoder.layers.{local_index}.{path}")
-
-    model.lora_adapters_disabled = types.MethodType(lora_adapters_disabled, model)
-    model.save_to = types.MethodType(_save_base_model_to, model)
-    trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.model.parameters())
-    logger.info(
-        "LoRA r=%d alpha=%g on %s of layers %s: %d trainable of %d parameters on this rank",
-        rank,
-        alpha,
-        list(targets),
-        sorted(layers),
-        trainable,
-        total,
-    )
-    if peft_cfg.get("restore_from_path"):
-        load_lora_adapters(model, peft_cfg["restore_from_path"])
-    return adapted
+    _init_method(tuning["column_init_method"], "column_init_method")
+    _init_method(tuning["row_init_method"], "row_init_method")
+    offset = get_transformer_layer_offset(config)
+    layer_specs = []
+    for local_index, layer in enumerate(block_spec.layer_specs):
+        number = offset + local_index + 1
+        if number not in layers:
+            layer_specs.append(layer)
+            continue
+        layer = copy.deepcopy(layer)
+        for target in targets:
+            path, base_class = LORA_TARGETS[target]
+            parent, name = _spec_parent(layer, path)
+            found = getattr(parent, name, None) if parent is not None else None
+            if found is not base_class:
+                raise ValueError(
+                    f"model.peft.lora_tuning.target_modules: {target} needs megatron-core's {base_class.__name__} "
+                    f"at layer {number} {path}, found {getattr(found, '__name__', type(found).__name__)} "
+                    "(LoRA supports the local layer spec, model.transformer_engine=False, and dense MLPs)"
+                )
+            settings = AdapterSettings(
+                rank=rank,
+                alpha=float(tuning.get("alpha", rank)),
+                dropout=float(tuning["adapter_dropout"]),
+                init_a=tuning["column_init_method"],
+                init_b=tuning["row_init_method"],
+                seed=seed,
+                layer_index=number - 1,
+                target=target,
+                swiglu=target == "mlp_fc1" and config.gated_linear_unit,
+            )
+            setattr(parent, name, ModuleSpec(module=_LORA_CLASSES[base_class], params={"lora": settings}))
+        layer_specs.append(layer)
+    logger.info("LoRA r=%d on %s of layers %s", rank, list(targets), sorted(layers))
+    return dataclasses.replace(block_spec, layer_specs=layer_specs)
 
 
-def lora_adapters(model: MegatronGPTModel) -> dict[str, LoRAAdapter]:
-    """The adapters of ``model`` by their module name inside ``model.model``."""
+def _spec_parent(layer_spec: ModuleSpec, path: str) -> tuple[Any, str]:
+    """The submodules object that holds the last part of ``path`` (``self_attention.linear_qkv``) in a layer spec."""
+    *parents, name = path.split(".")
+    node = layer_spec.submodules
+    for part in parents:
+        child = getattr(node, part, None)
+        node = getattr(child, "submodules", None)
+        if node is None:
+            return None, name
+    return node, name
+
+
+def freeze_base_weights(model: nn.Module) -> None:
+    """Only the adapters train: every other parameter of ``model`` (a megatron GPTModel) is frozen."""
+    adapter_params = {
+        id(p) for module in model.modules() if isinstance(module, LoRAAdapter) for p in module.parameters()
+    }
+    for param in model.parameters():
+        param.requires_grad_(id(param) in adapter_params)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("LoRA: %d trainable of %d parameters on this rank", trainable, total)
+
+
+def lora_adapters(model) -> dict[str, LoRAAdapter]:
+    """The adapters of ``model`` (a MegatronGPTModel) by their module name inside ``model.model``."""
     return {
         f"{name}.adapter": module.adapter
         for name, module in model.model.named_modules()
-        if isinstance(module, _LoRALinearMixin)
+        if isinstance(module, _LoRALinearMixin) and module.adapter is not None
     }
 
 
-@contextlib.contextmanager
-def lora_adapters_disabled(model: MegatronGPTModel) -> Iterator[None]:
-    """Inside, ``model`` computes its base model exactly (the adapters are skipped, not zeroed)."""
-    adapters = list(lora_adapters(model).values())
-    previous = [adapter.enabled for adapter in adapters]
-    for adapter in adapters:
-        adapter.enabled = False
-    try:
-        yield
-    finally:
-        for adapter, enabled in zip(adapters, previous):
-            adapter.enabled = enabled
-
-
 @torch.no_grad()
-def merge_lora_adapters(model: MegatronGPTModel) -> None:
-    """Fold ``scale * B @ A`` into every adapted base weight (on each rank's shard) and remove the adapters.
+def merge_lora_adapters(model) -> None:
+    """Fold ``scale * B @ A`` into every adapted base weight (on each rank's shard) and drop the adapters.
 
-    Afterwards the model is a plain GPT again (``save_to`` writes a full merged ``.nemo``); its weights stay frozen.
-    For export: an optimizer built before still refers to the removed adapter parameters.
+    Afterwards the model computes as a plain GPT (``save_to`` writes a full merged ``.nemo``); its weights stay
+    frozen. For export: an optimizer built before still refers to the removed adapter parameters.
     """
-    adapted = [module for module in model.model.modules() if isinstance(module, _LoRALinearMixin)]
+    adapted = [module for module in model.model.modules() if isinstance(module, _LoRALinearMixin) and module.adapter]
     if not adapted:
         raise RuntimeError("merge_lora_adapters: the model has no LoRA adapters")
     if not all(module.adapter.enabled for module in adapted):
-        raise RuntimeError("merge_lora_adapters cannot run inside lora_adapters_disabled()")
+        raise RuntimeError("merge_lora_adapters cannot run while the adapters are switched off")
     for module in adapted:
         module.weight.add_(module.adapter.delta_weight().to(module.weight.dtype))
-        del module.adapter
-        module.__class__ = _BASE_CLASSES[type(module)]
-    del model.lora_adapters_disabled
-    del model.save_to
+        module.adapter = None
 
 
-def save_lora_adapters(model: MegatronGPTModel, path: str | Path) -> None:
+def save_lora_adapters(model, path: str | Path) -> None:
     """Write only the adapters as a megatron-core distributed checkpoint directory (a collective call).
 
     The tensors are named as in the module docstring; they load at any TP/PP layout with :func:`load_lora_adapters`.
@@ -386,7 +412,7 @@ def save_lora_adapters(model: MegatronGPTModel, path: str | Path) -> None:
     dist_checkpointing.save({**sharded, **common}, str(path))
 
 
-def load_lora_adapters(model: MegatronGPTModel, path: str | Path) -> None:
+def load_lora_adapters(model, path: str | Path) -> None:
     """Load adapters written by :func:`save_lora_adapters` (at any TP/PP layout) into ``model``'s adapters.
 
     The model's adapters (targets, ``adapter_dim``, ``layer_selection``, ``alpha``) must match the saved ones.
@@ -401,7 +427,7 @@ def load_lora_adapters(model: MegatronGPTModel, path: str | Path) -> None:
             )
     sharded = _adapter_sharded_state_dict(model)
     try:
-        _check_stored_shapes(_adapter_sharded_state_dict(model), path)
+        check_stored_shapes(_adapter_sharded_state_dict(model), path)
         loaded = dist_checkpointing.load(sharded, str(path), strict=StrictHandling.RAISE_ALL)
     except (NemoFormatError, CheckpointingException) as err:
         raise ValueError(
@@ -415,49 +441,17 @@ def load_lora_adapters(model: MegatronGPTModel, path: str | Path) -> None:
     logger.info("Loaded %d LoRA tensors from %s", len(sharded), path)
 
 
-def _adapter_sharded_state_dict(model: MegatronGPTModel) -> dict:
+def _adapter_sharded_state_dict(model) -> dict:
     """This rank's adapter entries of the model's sharded state dict (none on a stage without selected layers)."""
-    if not hasattr(model, "lora_adapters_disabled"):
-        raise RuntimeError("the model has no LoRA adapters: call apply_lora first")
+    if not lora_adapters(model):
+        raise RuntimeError("the model has no LoRA adapters: build it with model.peft.peft_scheme=lora")
     return {k: v for k, v in model.sharded_state_dict().items() if ".adapter.lora_" in k}
-
-
-def _save_base_model_to(model: MegatronGPTModel, save_path: str | Path, packed: bool = True) -> None:
-    """``save_to`` of a LoRA model: the base model without adapters (a normal ``.nemo``)."""
-    logger.warning(
-        "save_to(%s) writes the base model without its LoRA adapters: save them with save_lora_adapters, "
-        "or call merge_lora_adapters first for a merged model",
-        save_path,
-    )
-    adapters = list(lora_adapters(model).values())
-    for adapter in adapters:
-        adapter.in_checkpoints = False
-    try:
-        type(model).save_to(model, save_path, packed=packed)
-    finally:
-        for adapter in adapters:
-            adapter.in_checkpoints = True
 
 
 def _init_method(name: str, key: str) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     if name not in INIT_METHODS:
         raise ValueError(f"model.peft.lora_tuning.{key}={name!r}; choose one of {list(INIT_METHODS)}")
     return INIT_METHODS[name]
-
-
-def _target_linear(layer: nn.Module, path: str, expected: type, target: str) -> nn.Module:
-    try:
-        linear = layer.get_submodule(path)
-    except AttributeError:
-        linear = None
-    if type(linear) is not expected:
-        raise ValueError(
-            f"model.peft.lora_tuning.target_modules: {target} needs megatron-core's {expected.__name__} at "
-            f"layer {layer.layer_number} {path}, found {type(linear).__name__} "
-            "(LoRA supports the local layer spec, model.transformer_engine=False, and dense MLPs)"
-        )
-    assert not getattr(linear, "gather_output", False) and getattr(linear, "input_is_parallel", True)
-    return linear
 
 
 def _initial_adapter_weights(

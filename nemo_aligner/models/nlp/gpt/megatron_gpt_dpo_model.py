@@ -2,16 +2,15 @@
 
 The per-pair losses live in ``nemo_aligner/losses/preference.py`` (shared with SPIN and Self-Rewarding). This
 model turns a batch of pairs into per-response log-prob sums, takes the reference's from the batch (precomputed,
-see ``nemo_aligner/algorithms/dpo.py``) or computes them itself (CPU-swapped reference weights, or LoRA adapters
-switched off), and reduces loss and metrics over the whole global batch.
+see ``reference.py``) or asks its reference policy for them in each step (CPU-swapped reference weights, or LoRA
+adapters switched off), and reduces loss and metrics over the whole global batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from megatron.core.transformer.enums import AttnBackend
@@ -24,7 +23,7 @@ from nemo_aligner.losses.preference import (
     preference_loss_and_metrics,
 )
 from nemo_aligner.models.alignable_interface import SupervisedInterface
-from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, causal_attention_mask
+from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, forward_tokens
 from nemo_aligner.models.nlp.gpt.packed_sequences import (
     forward_packed_sequences,
     pack_sequences,
@@ -36,12 +35,17 @@ from nemo_aligner.models.nlp.gpt.prefix_sharing import (
     packed_lengths,
     resolve_prefix_sharing,
 )
+from nemo_aligner.models.nlp.gpt.reference import (
+    REFERENCE_PREFIX,
+    REFERENCE_STRATEGIES,
+    CPUWeightSwapReference,
+    build_reference_policy,
+)
 from nemo_aligner.utils.batching import length_bucketed_micro_batches, reduce_metric_sums, sequence_ends
 from nemo_aligner.utils.distributed import broadcast_from_last_pipeline_stage
 from nemo_aligner.utils.logprobs import shifted_logprobs
-from nemo_aligner.utils.utils import cpu_weight_swap
 
-REFERENCE_STRATEGIES = ("precomputed", "cpu_weight_swap")
+__all__ = ["REFERENCE_STRATEGIES", "MegatronGPTDPOModel", "concat_pairs", "response_logprob_sums"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,9 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
     """
 
     algorithm_key = "dpo"
+    reference_in_checkpoints = False
+    """Whether trainer checkpoints hold the reference policy's own state (its CPU weights): only where the
+    reference moves during training (SPIN). DPO's CPU-swapped reference is the initial checkpoint, reloaded."""
 
     def __init__(self, cfg: DictConfig, trainer=None, tokenizer=None):
         super().__init__(cfg, trainer, tokenizer=tokenizer)
@@ -86,10 +93,12 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         self.preference_loss_weight = float(settings.get("preference_loss_weight", 1.0))
         self.sft_loss_weight = float(settings.get("sft_loss_weight", 0.0))
         self.log_prob_micro_batch_size = int(settings.get("log_prob_forward_micro_batch_size") or cfg.micro_batch_size)
-        self.reference_strategy = settings.get("reference", "precomputed")
-        if self.reference_strategy not in REFERENCE_STRATEGIES:
-            key = f"model.{self.algorithm_key}.reference"
-            raise ValueError(f"{key}={self.reference_strategy!r}; choose one of {REFERENCE_STRATEGIES}")
+        self.reference = build_reference_policy(
+            settings.get("reference", "precomputed"),
+            lora=(cfg.get("peft") or {}).get("peft_scheme", "none") == "lora",
+            in_checkpoints=self.reference_in_checkpoints,
+            key=f"model.{self.algorithm_key}.reference",
+        )
         transformer_engine = self.transformer_config.attention_backend != AttnBackend.local
         key = f"model.{self.algorithm_key}"
         self.packed_sequences = resolve_packed_sequences(
@@ -101,26 +110,32 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
             logger.info("%s.packed_sequences=true: %s.prefix_sharing=%s is turned off", key, key, prefix_sharing)
             prefix_sharing = False
         self.prefix_sharing = resolve_prefix_sharing(prefix_sharing, f"{key}.prefix_sharing", cfg, transformer_engine)
-        self.ref_policy_state_dict: dict[str, torch.Tensor] | None = None
 
-    # ------------------------------------------------------------------ reference policy
-    @contextlib.contextmanager
-    def reference_policy(self) -> Iterator[None]:
-        """Inside, the model computes the reference policy: adapters off (LoRA) or reference weights swapped in."""
-        adapters = getattr(self, "lora_adapters_disabled", None)
-        if adapters is not None:
-            with adapters():
-                yield
-        elif self.ref_policy_state_dict is not None:
-            with cpu_weight_swap(self, self.ref_policy_state_dict):
-                yield
-        else:
-            raise RuntimeError("no reference policy: set ref_policy_state_dict or use precomputed reference log-probs")
+    # ------------------------------------------------------------------ reference policy (reference.py)
+    @property
+    def ref_policy_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The reference weights held in CPU memory, if the reference policy is a CPU weight swap (NeMo-Aligner's
+        attribute)."""
+        return self.reference.weights if isinstance(self.reference, CPUWeightSwapReference) else None
+
+    @ref_policy_state_dict.setter
+    def ref_policy_state_dict(self, weights: dict[str, torch.Tensor] | None) -> None:
+        """NeMo-Aligner's way of giving the model its reference: CPU weights, swapped in for reference passes."""
+        self.reference = CPUWeightSwapReference(weights, in_checkpoints=self.reference_in_checkpoints)
 
     def get_ref_policy_logprob_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reference log-prob sums ``([B], [B])`` of chosen and rejected responses."""
-        with self.reference_policy():
-            return self.get_logprob_sums(batch)
+        """Reference log-prob sums ``([B], [B])`` of chosen and rejected responses, on the model's device."""
+        return self.reference.logprob_sums(self, batch)
+
+    def sharded_state_dict(self, prefix: str = "") -> dict:
+        """The model's weights, plus the reference policy's state where checkpoints hold it."""
+        return {**super().sharded_state_dict(prefix), **self.reference.sharded_state_dict(self, prefix)}
+
+    def load_model_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+        """Load weights; a loaded ``reference_policy.`` part (trainer checkpoints) goes to the reference policy."""
+        reference = state_dict.get(REFERENCE_PREFIX)
+        super().load_model_state_dict({k: v for k, v in state_dict.items() if k != REFERENCE_PREFIX}, strict=strict)
+        self.reference.load_state_dict(reference)
 
     @torch.no_grad()
     def get_logprob_sums(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +143,7 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
 
         Same micro batching and concatenation as training, so a frozen policy gives bit-identical values.
         """
+        batch = self.to_model_device(batch)
         micro_batches, order = self._bucketed_pairs(batch, self.log_prob_micro_batch_size)
         rows = 2 * self.log_prob_micro_batch_size  # chosen and rejected in one forward
         sums = self._forward_only_sums(micro_batches, self._pairs_forward, batch["chosen"].shape[1], rows)
@@ -148,6 +164,7 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         length; padded with empty rows to a whole number of micro batches (pipeline stages exchange activations of
         one fixed shape; the empty rows go with the shortest sequences, so they cost little).
         """
+        tokens, mask = self.to_model_device((tokens, mask))
         rows = 2 * self.log_prob_micro_batch_size
         count = tokens.shape[0]
         padding = -count % rows
@@ -175,7 +192,8 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
 
             def loss_func(logits):
                 sums, _ = logprob_sums(logits)
-                return torch.zeros(()), torch.zeros((), dtype=torch.int), {"sums": sums}
+                zero = torch.zeros((), device=sums.device)
+                return zero, zero.to(torch.int), {"sums": sums}
 
             return output, loss_func
 
@@ -191,7 +209,7 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
         )
         self.train(was_training)
         local = torch.cat([o["sums"] for o in outputs]) if outputs else None
-        return broadcast_from_last_pipeline_stage(local, (len(micro_batches) * rows,)).cpu()
+        return broadcast_from_last_pipeline_stage(local, (len(micro_batches) * rows,))
 
     def _bucketed_pairs(self, batch: dict, micro_batch_size: int) -> tuple[list[dict], torch.Tensor]:
         """Micro batches of pairs of similar length, trimmed to their longest sequence (see
@@ -226,6 +244,7 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
 
     # ------------------------------------------------------------------ loss
     def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
+        batch = self.to_model_device(batch)
         if "ref_chosen_logps" not in batch:
             ref_chosen, ref_rejected = self.get_ref_policy_logprob_sums(batch)
             batch = {**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
@@ -274,11 +293,8 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
 
 
 def _forward(model_chunk, tokens: torch.Tensor) -> torch.Tensor:
-    return model_chunk(
-        input_ids=tokens,
-        position_ids=torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens),
-        attention_mask=causal_attention_mask(tokens.shape[1], tokens.device),
-    )
+    """The pairs' forward (one name for everything this model scores, so a test can count its rows)."""
+    return forward_tokens(model_chunk, tokens)
 
 
 _PAIR_KEYS = (

@@ -24,9 +24,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nemo_aligner.checkpoint import nemo_config, nemo_file
-from nemo_aligner.models.nlp.gpt.model_config import layer_spec, padded_vocab_size, transformer_config_from_model_cfg
+from nemo_aligner.checkpoint.shapes import check_stored_shapes
+from nemo_aligner.checkpoint.vocab import padded_vocab_size
+from nemo_aligner.models.nlp.gpt.lora import freeze_base_weights, lora_adapters, lora_block_spec
+from nemo_aligner.models.nlp.gpt.model_config import layer_spec, transformer_config_from_model_cfg
 from nemo_aligner.tokenizers import Tokenizer, build_tokenizer
 from nemo_aligner.utils import mcore_compat
+from nemo_aligner.utils.config import model_seed
+from nemo_aligner.utils.device import model_device, to_device
 from nemo_aligner.utils.distributed import initialize_distributed, is_global_rank_zero, seed_everything
 from nemo_aligner.utils.kill_points import kill_point
 from nemo_aligner.utils.logprobs import shifted_logprobs
@@ -47,6 +52,16 @@ def default_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0).expand_as(input_ids)
 
 
+def forward_tokens(module: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """One forward of a megatron GPT (or a pipeline chunk) over right-padded token rows ``[B, S]``: positions
+    ``0..S-1`` and the causal mask (right padding needs no other mask)."""
+    return module(
+        input_ids=input_ids,
+        position_ids=default_position_ids(input_ids),
+        attention_mask=causal_attention_mask(input_ids.shape[1], input_ids.device),
+    )
+
+
 class MegatronGPTModel(LightningModule):
     """A megatron-core GPT built from a NeMo model config (``model_config.yaml`` keys).
 
@@ -61,10 +76,11 @@ class MegatronGPTModel(LightningModule):
         cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
         self.cfg = cfg
         self._launcher = trainer
+        self.seed = model_seed(cfg)
         initialize_distributed(
             tensor_model_parallel_size=cfg.get("tensor_model_parallel_size", 1) or 1,
             pipeline_model_parallel_size=cfg.get("pipeline_model_parallel_size", 1) or 1,
-            seed=cfg.get("seed", 1234),
+            seed=self.seed,
         )
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer)
         self._artifact_dir: str | None = None  # owned copy of a restored checkpoint's tokenizer files
@@ -75,10 +91,13 @@ class MegatronGPTModel(LightningModule):
         )
         self.transformer_config = transformer_config_from_model_cfg(cfg)
         # Same initial weights on every TP layout (use_cpu_initialization), from the configured seed.
-        seed_everything(cfg.get("seed", 1234))
+        seed_everything(self.seed)
+        config = self.transformer_config
         self.model = mcore_compat.GPTModel(
-            config=self.transformer_config,
-            transformer_layer_spec=layer_spec(cfg, self.transformer_config),
+            config=config,
+            transformer_layer_spec=lora_block_spec(  # LoRA adapters, when model.peft asks for them
+                layer_spec(cfg, config), cfg.get("peft"), config, self.seed
+            ),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=cfg.get("max_position_embeddings") or cfg.encoder_seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(),
@@ -92,6 +111,8 @@ class MegatronGPTModel(LightningModule):
             rope_scaling=cfg.get("scale_positional_embedding", False),
             rope_scaling_factor=cfg.get("rope_scaling_factor", 8.0),
         )
+        if lora_adapters(self):
+            freeze_base_weights(self.model)
         # bf16/fp16 mixed precision without O2 keeps fp32 weights and computes under autocast.
         self.autocast_dtype = (
             None
@@ -109,6 +130,10 @@ class MegatronGPTModel(LightningModule):
     @property
     def encoder_seq_length(self) -> int:
         return int(self.cfg.encoder_seq_length)
+
+    def to_model_device(self, value: Any) -> Any:
+        """``value`` (a batch: tensors, possibly nested) on this model's device; data loaders collate on the CPU."""
+        return to_device(value, model_device(self.model))
 
     def forward(
         self,
@@ -233,12 +258,15 @@ class MegatronGPTModel(LightningModule):
 
     # ------------------------------------------------------------------ state dicts
     def weights_sharded_state_dict(self, prefix: str = "") -> dict:
-        """megatron-core sharded state dict of the weights, with NeMo's names (``model.decoder...``): a ``.nemo``."""
-        return self.model.sharded_state_dict(prefix=f"{prefix}model.")
+        """megatron-core sharded state dict of the weights, with NeMo's names (``model.decoder...``): a ``.nemo``
+        (the plain model: LoRA adapters stay out)."""
+        state = self.model.sharded_state_dict(prefix=f"{prefix}model.")
+        return {k: v for k, v in state.items() if ".adapter." not in k}
 
     def sharded_state_dict(self, prefix: str = "") -> dict:
-        """What a trainer checkpoint stores for this model: the weights (subclasses add e.g. a reference policy)."""
-        return self.weights_sharded_state_dict(prefix)
+        """What a trainer checkpoint stores for this model: the weights and LoRA adapters (subclasses add e.g. a
+        reference policy)."""
+        return self.model.sharded_state_dict(prefix=f"{prefix}model.")
 
     def model_state_dict_in_cpu(self) -> dict[str, torch.Tensor]:
         """A detached CPU copy of this rank's weights (the reference-policy snapshot of DPO/SPIN)."""
@@ -249,13 +277,15 @@ class MegatronGPTModel(LightningModule):
         """Copy ``model.*`` weights (as from :meth:`model_state_dict_in_cpu`) into this rank's model."""
         prefix = "model."
         own = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not any(".adapter." in k for k in own):  # plain weights (a .nemo) into a LoRA model: adapters stay
+            own.update({k: v for k, v in self.model.state_dict().items() if ".adapter." in k})
         self.model.load_state_dict(own, strict=strict)
 
     def load_weights_from_distributed_checkpoint(self, weights_dir: str | Path, strict: bool = True) -> None:
         """Load weights saved with megatron-core distributed checkpointing (any TP/PP layout) into this model."""
         from megatron.core.dist_checkpointing.validation import StrictHandling
 
-        _check_stored_shapes(self.weights_sharded_state_dict(), Path(weights_dir))
+        check_stored_shapes(self.weights_sharded_state_dict(), Path(weights_dir))
         sharded = self.weights_sharded_state_dict()
         strictness = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_UNEXPECTED
         loaded = dist_checkpointing.load(sharded, str(weights_dir), strict=strictness)
@@ -276,6 +306,12 @@ class MegatronGPTModel(LightningModule):
         """
         import torch.distributed as dist
 
+        if lora_adapters(self):
+            logger.warning(
+                "save_to(%s) writes the base model without its LoRA adapters: save them with save_lora_adapters, "
+                "or call merge_lora_adapters first for a merged model",
+                save_path,
+            )
         cfg, artifacts = self._config_and_artifacts_for_saving()
         if dist.get_world_size() == 1:
             nemo_file.save_nemo(save_path, cfg, self.save_weights_to_distributed_checkpoint, artifacts, packed=packed)
@@ -319,7 +355,9 @@ class MegatronGPTModel(LightningModule):
             stored_cfg = nemo_file.read_model_config(unpacked)
             if return_config:
                 return stored_cfg
-            cfg = _as_config(override_config_path) if override_config_path is not None else stored_cfg
+            cfg = (
+                _as_config(override_config_path) if override_config_path is not None else plain_model_config(stored_cfg)
+            )
             artifact_dir = nemo_file.scratch_dir("nemo_aligner_artifacts_")  # removed at exit at the latest
             cfg = _with_owned_artifacts(cfg, unpacked, artifact_dir)
             layout = nemo_file.detect_weights_layout(unpacked)
@@ -358,6 +396,17 @@ class MegatronGPTModel(LightningModule):
             ) from err
 
 
+def plain_model_config(checkpoint_cfg: DictConfig) -> DictConfig:
+    """A checkpoint's model config without its ``peft`` section: a ``.nemo`` holds plain weights (a LoRA run writes
+    its base or merged model), so building from it must not add adapters; a run that wants them says so."""
+    if "peft" not in checkpoint_cfg:
+        return checkpoint_cfg
+    cfg = checkpoint_cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("peft")
+    return cfg
+
+
 def _with_stored_vocab_size(cfg: DictConfig, weights_dir: Path) -> DictConfig:
     """Keep the checkpoint's padded vocabulary size when loading at another tensor-parallel size.
 
@@ -374,31 +423,6 @@ def _with_stored_vocab_size(cfg: DictConfig, weights_dir: Path) -> DictConfig:
     with open_dict(cfg):
         cfg.override_vocab_size = int(stored.size[0])
     return cfg
-
-
-def _check_stored_shapes(sharded_state_dict: dict, weights_dir: Path) -> None:
-    """Compare the global shapes the model expects with those stored, and name every mismatch.
-
-    megatron-core's loader fails on a mismatch with an unrelated assertion; this check runs first.
-    """
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
-    stored = nemo_file.read_dcp_metadata(weights_dir).state_dict_metadata
-    apply_factories(sharded_state_dict)
-    problems = []
-    for sharded in nested_values(sharded_state_dict):
-        if not isinstance(sharded, ShardedTensor):
-            continue
-        if sharded.key not in stored:
-            problems.append(f"{sharded.key}: expected by the config, absent from the checkpoint")
-        elif (found := tuple(stored[sharded.key].size)) != (needed := tuple(sharded.global_shape)):
-            problems.append(f"{sharded.key}: checkpoint has {found}, config needs {needed}")
-    if problems:
-        raise nemo_file.NemoFormatError(
-            f"{weights_dir}: the stored weights do not fit the model built from its config "
-            f"(architecture or shape mismatch):\n  " + "\n  ".join(sorted(set(problems)))
-        )
 
 
 def _as_config(value: DictConfig | dict | str | Path) -> DictConfig:

@@ -41,12 +41,6 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int, tensor_model_parallel_size: int) -> int:
-    """Vocabulary rows of the embedding: rounded up to a multiple of ``divisible_by * TP``, as NeMo does."""
-    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
-
-
 def params_dtype(cfg: Mapping[str, Any]) -> torch.dtype:
     """Parameter dtype: bf16/fp16 weights only with ``megatron_amp_O2``; mixed precision keeps fp32 weights."""
     precision = str(_get(cfg, "precision", 32))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from nemo_aligner.data import embedded
+from nemo_aligner.evaluation import exact_match_accuracy, response_text
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.tokenizers import ByteLevelTokenizer
-from nemo_aligner.utils.evaluation import exact_match_accuracy, response_text
 from tests.conftest import perturb_, tiny_model_cfg
 
 SPECIAL_TOKENS = ["<extra_id_0>", "<extra_id_1>", "<extra_id_2>"]
@@ -92,7 +92,7 @@ def test_exact_match_and_response_text_strip_the_end_of_turn():
 
 
 def test_rollout_judge_quality_by_hand():
-    from nemo_aligner.utils.evaluation import rollout_judge_quality
+    from nemo_aligner.evaluation import rollout_judge_quality
 
     records = {
         # add 1 and 2 = 3: "3" is right (scores 5, 4 -> mean 4.5), "4" wrong (5 -> 5), "9" wrong (1, None -> 1)

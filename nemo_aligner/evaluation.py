@@ -95,7 +95,7 @@ def greedy_predictions(
     """
     tokenizer = model.tokenizer
     split_cfg = _split_config(data_cfg, file_path, model.encoder_seq_length)
-    dataset = build_sft_dataset(data_cfg, split_cfg, tokenizer, seed=int(model.cfg.get("seed", 1234)))
+    dataset = build_sft_dataset(data_cfg, split_cfg, tokenizer, seed=model.seed)
     records = [record.data for record in read_jsonl(file_path)]
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     sampling = greedy_sampling_params(end_strings)

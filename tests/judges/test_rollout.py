@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from nemo_aligner.algorithms.self_rewarding import (
+from nemo_aligner.data.embedded import (
+    CHAT_PROMPT_TOKENS,
+    JUDGE_PROMPT_TEMPLATE,
+    META_JUDGE_PROMPT_TEMPLATE,
+    format_prompt,
+    render_judge_prompt,
+)
+from nemo_aligner.judges.rollout import (
     BAD,
     META,
     RESPONSE,
@@ -15,13 +22,6 @@ from nemo_aligner.algorithms.self_rewarding import (
     batch_metrics,
     build_pairs,
     judge_health,
-)
-from nemo_aligner.data.embedded import (
-    CHAT_PROMPT_TOKENS,
-    JUDGE_PROMPT_TEMPLATE,
-    META_JUDGE_PROMPT_TEMPLATE,
-    format_prompt,
-    render_judge_prompt,
 )
 from nemo_aligner.tokenizers import build_tokenizer
 

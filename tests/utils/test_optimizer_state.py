@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from nemo_aligner.algorithms.self_rewarding import restart_adam
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+from nemo_aligner.utils.optimizer_state import restart_adam
 from tests.conftest import tiny_model_cfg
 
 BETA1, BETA2, EPS, LR = 0.9, 0.999, 1e-8, 1e-3
