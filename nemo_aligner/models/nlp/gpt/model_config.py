@@ -59,8 +59,13 @@ def params_dtype(cfg: Mapping[str, Any]) -> torch.dtype:
     return torch.float32
 
 
-def transformer_config_from_model_cfg(cfg: Mapping[str, Any]) -> TransformerConfig:
-    """Build megatron-core's ``TransformerConfig`` from a NeMo model config."""
+def transformer_config_from_model_cfg(cfg: Mapping[str, Any], cpu_initialization: bool = True) -> TransformerConfig:
+    """Build megatron-core's ``TransformerConfig`` from a NeMo model config.
+
+    ``cpu_initialization``: draw the initial weights on the CPU, the same for every tensor-parallel layout (a fresh
+    model); ``False`` allocates and initialises each rank's shard directly on its device (megatron's default), for a
+    model whose weights are about to be overwritten by a checkpoint. See ``MegatronGPTModel`` for where it ends up.
+    """
     activation = _get(cfg, "activation", "gelu")
     if activation not in ACTIVATIONS:
         raise ValueError(f"model.activation={activation!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
@@ -113,7 +118,7 @@ def transformer_config_from_model_cfg(cfg: Mapping[str, Any]) -> TransformerConf
         bf16=precision.startswith("bf16"),
         fp16=precision.startswith("16"),
         autocast_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
-        use_cpu_initialization=True,
+        use_cpu_initialization=cpu_initialization,
         attention_backend=AttnBackend.auto if _use_te(cfg) else AttnBackend.local,
         batch_p2p_comm=_get(cfg, "batch_p2p_comm", True),
         deallocate_pipeline_outputs=False,
