@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import device_guard
+
+# Tensors made without device= in the project's compute code fail the test that makes them (see device_guard.py).
+device_guard.install()
+
 FIXTURES = Path(__file__).parent / "fixtures"
 NEMO_FIXTURES = FIXTURES / "nemo"
 NEMO_FIXTURE_NAMES = ("tiny_gpt_ln_gelu_abs", "tiny_gpt_rms_swiglu_rope_gqa", "tiny_gpt_ln_swiglu_rope50")
@@ -110,3 +115,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if device_guard.COLLECT:
+        print("\ndevice guard offenders:\n" + "\n".join(sorted(device_guard.collected)))
