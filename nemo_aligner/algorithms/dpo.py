@@ -47,8 +47,8 @@ class ReferenceLogprobs:
                 raise KeyError(f"no precomputed reference log-probs for sample {index}; delete the cache to rebuild")
             else:
                 rows.append(self.position[index])
-        rows_t = torch.tensor(rows)
-        zero = torch.zeros(len(rows))
+        rows_t = torch.tensor(rows, device="cpu")  # the reference table is host-side
+        zero = torch.zeros(len(rows), device="cpu")
         chosen = torch.where(rows_t >= 0, self.chosen[rows_t.clamp(min=0)], zero)
         rejected = torch.where(rows_t >= 0, self.rejected[rows_t.clamp(min=0)], zero)
         return {**batch, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
@@ -102,7 +102,7 @@ def compute_reference_logprobs(model, batches: Iterable[Mapping[str, Any]]) -> R
         rejected.append(r[keep].float())
         kill_point("reference_logprobs")
     if not indices:
-        return gather_reference_logprobs(torch.empty(0), torch.empty(0), torch.empty(0))
+        return gather_reference_logprobs(*(torch.empty(0, device="cpu") for _ in range(3)))
     return gather_reference_logprobs(torch.cat(indices), torch.cat(chosen), torch.cat(rejected))
 
 

@@ -394,8 +394,8 @@ class SelfRewardingPairsDataset(torch.utils.data.Dataset):
         prompt = slot["prompt"]
         chosen, rejected = slot["chosen"] or [self.pad_id], slot["rejected"] or [self.pad_id]
         return {
-            "chosen_ids": torch.tensor(prompt + chosen),
-            "rejected_ids": torch.tensor(prompt + rejected),
+            "chosen_ids": torch.tensor(prompt + chosen, device="cpu"),
+            "rejected_ids": torch.tensor(prompt + rejected, device="cpu"),
             "prompt_length": len(prompt),
             "chosen_length": len(prompt) + len(chosen),
             "rejected_length": len(prompt) + len(rejected),

@@ -138,7 +138,9 @@ def generate(
         ),
         full_logprobs=(
             [
-                torch.stack(r.full_logprobs) if r.full_logprobs else torch.zeros(0, model.padded_vocab_size, device="cpu")
+                torch.stack(r.full_logprobs)
+                if r.full_logprobs
+                else torch.zeros(0, model.padded_vocab_size, device="cpu")
                 for r in responses
             ]
             if sampling.all_probs

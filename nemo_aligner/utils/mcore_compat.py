@@ -67,7 +67,11 @@ def _write_results_queue_name() -> str:
     from 0.17 on (read in the 0.19.2 source)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    return "get_write_results_queue" if hasattr(filesystem_async, "get_write_results_queue") else "_get_write_results_queue"
+    return (
+        "get_write_results_queue"
+        if hasattr(filesystem_async, "get_write_results_queue")
+        else "_get_write_results_queue"
+    )
 
 
 def _patch_checkpoint_writer() -> None:

@@ -28,10 +28,16 @@ def _loss_and_grads(**overrides) -> tuple[torch.Tensor, dict[str, torch.Tensor],
     "recompute",
     [
         {"activations_checkpoint_granularity": "selective"},
-        {"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "uniform",
-         "activations_checkpoint_num_layers": 1},  # fmt: skip
-        {"activations_checkpoint_granularity": "full", "activations_checkpoint_method": "block",
-         "activations_checkpoint_num_layers": 2},  # fmt: skip
+        {
+            "activations_checkpoint_granularity": "full",
+            "activations_checkpoint_method": "uniform",
+            "activations_checkpoint_num_layers": 1,
+        },  # fmt: skip
+        {
+            "activations_checkpoint_granularity": "full",
+            "activations_checkpoint_method": "block",
+            "activations_checkpoint_num_layers": 2,
+        },  # fmt: skip
     ],
     ids=["selective", "full_uniform_1", "full_block_2"],
 )
@@ -81,7 +87,11 @@ def test_bf16_o2_keeps_fp32_master_weights_and_steps_the_bf16_weights_from_them(
 
     def step(chunk, batch):
         logits = chunk(input_ids=batch, position_ids=None, attention_mask=None)
-        return logits, lambda out: (-torch.log_softmax(out.float(), -1)[..., 0].sum(), torch.tensor(out.shape[0] * out.shape[1], device=out.device), {})
+        return logits, lambda out: (
+            -torch.log_softmax(out.float(), -1)[..., 0].sum(),
+            torch.tensor(out.shape[0] * out.shape[1], device=out.device),
+            {},
+        )
 
     model.forward_backward([TOKENS.to(current_device())], 1, step, False, TOKENS.shape[1], TOKENS.shape[0])
     success, _ = model.optimizer_step()
@@ -95,7 +105,9 @@ def test_bf16_o2_keeps_fp32_master_weights_and_steps_the_bf16_weights_from_them(
 
 
 def test_ddp_keys_map_onto_megatron_and_unsupported_ones_are_refused_by_name():
-    config = ddp_config_for({"name": "adam", "overlap_grad_sync": True, "bucket_cap_mb": 2, "contiguous_grad_buffer": True})
+    config = ddp_config_for(
+        {"name": "adam", "overlap_grad_sync": True, "bucket_cap_mb": 2, "contiguous_grad_buffer": True}
+    )
     assert config.overlap_grad_reduce and config.bucket_size == 2 * 2**20 // 4 and config.grad_reduce_in_fp32
     assert not config.overlap_param_gather and not config.use_distributed_optimizer
     with pytest.raises(ValueError, match="model.optim.contiguous_grad_buffer"):

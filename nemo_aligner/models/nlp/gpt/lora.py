@@ -296,9 +296,12 @@ def apply_lora(model: MegatronGPTModel, peft_cfg: Mapping[str, Any]) -> list[str
     for local_index, layer, target_index, target, linear in chosen:
         path, base_class = LORA_TARGETS[target]
         layer_index = layer.layer_number - 1
-        generator = torch.Generator().manual_seed(seed + len(LORA_TARGETS) * layer_index + target_index)
+        generator = torch.Generator(device="cpu").manual_seed(seed + len(LORA_TARGETS) * layer_index + target_index)
         swiglu = target == "mlp_fc1" and config.gated_linear_unit
-        lora_a, lora_b = _initial_adapter_weights(linear, rank, init_a, init_b, generator, swiglu)
+        lora_a, lora_b = (
+            w.to(linear.weight.device)
+            for w in _initial_adapter_weights(linear, rank, init_a, init_b, generator, swiglu)
+        )
         linear.__class__ = _LORA_CLASSES[base_class]
         linear.adapter = LoRAAdapter(
             lora_a,
@@ -469,8 +472,8 @@ def _initial_adapter_weights(
     swiglu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's slices of ``A`` ``[r, in]`` and ``B`` ``[out, r]``, drawn whole so every TP layout agrees."""
-    full_a = init_a(torch.empty(rank, linear.input_size), generator)
-    full_b = init_b(torch.empty(linear.output_size, rank), generator)
+    full_a = init_a(torch.empty(rank, linear.input_size, device="cpu"), generator)
+    full_b = init_b(torch.empty(linear.output_size, rank, device="cpu"), generator)
     tp_size = torch.distributed.get_world_size(linear.tp_group)
     tp_rank = torch.distributed.get_rank(linear.tp_group)
     if isinstance(linear, RowParallelLinear):

@@ -175,7 +175,11 @@ class MegatronGPTDPOModel(MegatronGPTModel, SupervisedInterface):
 
             def loss_func(logits):
                 sums, _ = logprob_sums(logits)
-                return torch.zeros(()), torch.zeros((), dtype=torch.int), {"sums": sums}
+                return (
+                    torch.zeros((), device=logits.device),
+                    torch.zeros((), dtype=torch.int, device=logits.device),
+                    {"sums": sums},
+                )
 
             return output, loss_func
 

@@ -223,11 +223,13 @@ class MegatronGPTModel(LightningModule):
         """
         data_iterator = iter(microbatches)
 
-        def step_func(iterator, model):
-            return forward_step(model, next(iterator))
+        device = model_device(self.model)
 
-        device_type = model_device(self.model).type
-        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        def step_func(iterator, model):
+            # Micro batches come from the CPU data loader: every tensor in them goes to the model's device here.
+            return forward_step(model, to_device(next(iterator), device))
+
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return get_forward_backward_func()(
                 forward_step_func=step_func,
                 data_iterator=data_iterator,
