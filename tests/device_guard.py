@@ -53,9 +53,19 @@ HOST_SIDE_MODULES = (
 )
 
 
-# DEVICE_GUARD=collect records every offender (file:line) instead of failing, to survey a whole run at once.
+# DEVICE_GUARD=collect records every offender (file:line) instead of failing, to survey a whole run at once; with
+# DEVICE_GUARD_LOG=<file> each new one is also appended there as it happens (survives a run that is cut short).
 COLLECT = os.environ.get("DEVICE_GUARD") == "collect"
 collected: set[str] = set()
+
+
+def _record(entry: str) -> None:
+    if entry in collected:
+        return
+    collected.add(entry)
+    if os.environ.get("DEVICE_GUARD_LOG"):
+        with open(os.environ["DEVICE_GUARD_LOG"], "a", encoding="utf-8") as log:
+            log.write(entry + "\n")
 
 
 class DeviceMistake(AssertionError):
@@ -73,7 +83,7 @@ def _check_caller(what: str) -> None:
     frame = sys._getframe(2)
     if is_compute_module(frame.f_globals.get("__name__", "")):
         if COLLECT:
-            collected.add(f"{frame.f_code.co_filename}:{frame.f_lineno}: {what}")
+            _record(f"{frame.f_code.co_filename}:{frame.f_lineno}: {what}")
             return
         raise DeviceMistake(
             f"{frame.f_code.co_filename}:{frame.f_lineno}: {what} without device=: on a GPU this makes a CPU "
