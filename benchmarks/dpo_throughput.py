@@ -53,13 +53,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     EMBEDDED,
     PEAK_TFLOPS,
-    mfu,
     SHAPES,
     Stopwatch,
     build_models,
     current_rss_mb,
     interleaved_rounds,
     machine_info,
+    mfu,
     peak_rss_mb,
     read_jsonl,
     run_worker,
@@ -91,6 +91,7 @@ def write_pairs(path: Path, pairs: int, pair_tokens: int = 0, tokenizer=None) ->
     that many tokens (half prompt, half response) under ``tokenizer``."""
     lines = read_jsonl(EMBEDDED / "dpo_train.jsonl", pairs)
     if pair_tokens:
+
         def stretch(text: str, tokens: int) -> str:
             out = text
             while len(tokenizer(out)["input_ids"]) < tokens:
@@ -98,7 +99,10 @@ def write_pairs(path: Path, pairs: int, pair_tokens: int = 0, tokenizer=None) ->
             return out
 
         lines = [
-            {**line, **{k: stretch(line[k], pair_tokens // 2) for k in ("prompt", "chosen_response", "rejected_response")}}
+            {
+                **line,
+                **{k: stretch(line[k], pair_tokens // 2) for k in ("prompt", "chosen_response", "rejected_response")},
+            }
             for line in lines
         ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))

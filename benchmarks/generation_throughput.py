@@ -24,7 +24,8 @@ On a GPU (``docs/performance.md``, GPU section), bf16 weights on both sides (our
 ``megatron_amp_O2``; HF: ``dtype=bfloat16``, sdpa attention), batch 1 and 64; times include a CUDA synchronize:
 
     python benchmarks/generation_throughput.py --device cuda --precision bf16 --model 0.5b --batches 1 64 \
-        --prompt_length 128 --new_tokens 128 --rounds 2 --arms ours hf --out benchmarks/results/generation_0.5b_<gpu>.json
+        --prompt_length 128 --new_tokens 128 --rounds 2 --arms ours hf \\
+        --out benchmarks/results/generation_0.5b_<gpu>.json
 
 The JSON also reports how many greedy continuations are identical between ours and HF (ties in float32 rounding
 may legitimately differ late in a sequence).
