@@ -6,7 +6,7 @@
 
 On a GPU (``docs/performance.md``, GPU section):
 
-    python benchmarks/dpo_throughput.py --device cuda --precision bf16 --model 0.5b --pair_tokens 512 \
+    python benchmarks/dpo_throughput.py --device cuda --precision bf16 --model 0.5b --pair_tokens 512 \\
         --pairs 256 --batch 16 --epochs 1 --rounds 1 --out benchmarks/results/dpo_0.5b_<gpu>.json
 
 bf16 means ours in ``trainer.precision=bf16`` + ``model.megatron_amp_O2=true`` (bf16 weights, fp32 master weights in

@@ -23,7 +23,7 @@ Python call to every torch operation; the HF and no-cache arms run outside it, a
 On a GPU (``docs/performance.md``, GPU section), bf16 weights on both sides (ours: ``trainer.precision=bf16`` +
 ``megatron_amp_O2``; HF: ``dtype=bfloat16``, sdpa attention), batch 1 and 64; times include a CUDA synchronize:
 
-    python benchmarks/generation_throughput.py --device cuda --precision bf16 --model 0.5b --batches 1 64 \
+    python benchmarks/generation_throughput.py --device cuda --precision bf16 --model 0.5b --batches 1 64 \\
         --prompt_length 128 --new_tokens 128 --rounds 2 --arms ours hf \\
         --out benchmarks/results/generation_0.5b_<gpu>.json
 
