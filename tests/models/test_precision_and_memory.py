@@ -136,3 +136,18 @@ def test_overlapped_gradient_reduction_gives_the_same_step():
 
     for plain, overlapped in zip(one_step(False), one_step(True)):
         torch.testing.assert_close(overlapped, plain, rtol=0, atol=0)
+
+
+def test_fresh_models_draw_weights_on_the_cpu_and_restored_ones_are_built_on_the_device(tmp_path):
+    fresh = MegatronGPTModel(tiny_model_cfg())
+    assert fresh.transformer_config.use_cpu_initialization  # the same initial weights for every TP layout
+    assert {p.device for p in fresh.parameters()} == {current_device()}
+    fresh.save_to(tmp_path / "m.nemo")
+    restored = MegatronGPTModel.restore_from(tmp_path / "m.nemo")
+    assert not restored.transformer_config.use_cpu_initialization  # allocated on the device, then overwritten
+    assert {p.device for p in restored.parameters()} == {current_device()}
+    assert {b.device for b in restored.buffers()} <= {current_device()}
+    for (name, a), (_, b) in zip(fresh.named_parameters(), restored.named_parameters()):
+        assert torch.equal(a, b), name
+    # Building another model afterwards draws fresh weights again (the restore setting does not leak).
+    assert MegatronGPTModel(tiny_model_cfg()).transformer_config.use_cpu_initialization
