@@ -92,7 +92,7 @@ class MegatronGPTModel(LightningModule):
         # Where the weights are made (docs/megatron_cpu.md, "Devices"): a fresh model draws its initial weights on
         # the CPU (the same weights for every TP layout and device, from the configured seed) and then moves its
         # shard to the device; a model restored from a checkpoint allocates its shard directly on the device
-        # (megatron's own initialisation, soon overwritten), so no rank ever holds its weights in host memory.
+        # (megatron's own initialisation, soon overwritten): no host copy of the weights before the load.
         self.transformer_config = transformer_config_from_model_cfg(
             cfg, cpu_initialization=not _building_for_restore.get()
         )
