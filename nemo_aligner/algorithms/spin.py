@@ -289,7 +289,7 @@ class SPINTrainer(BaseTrainer):
         scored_rejected = torch.tensor([i not in from_generation for i in mine], device="cpu")
         tokens = torch.cat([batch["chosen"], batch["rejected"][scored_rejected]])
         mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"][scored_rejected]])
-        sums = self.model.get_sequence_logprob_sums(tokens, mask).float().cpu()  # the reference table is host-side
+        sums = self.model.get_sequence_logprob_sums(tokens, mask).float()
         kill_point("reference_logprobs")
         rejected = torch.tensor([from_generation.get(i, 0.0) for i in mine], dtype=torch.float32, device="cpu")
         rejected[scored_rejected] = sums[len(mine) :]
