@@ -14,7 +14,9 @@ every library keeps configured special tokens (BOS/EOS/pad and chat markers such
 
 from __future__ import annotations
 
+import json
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -523,8 +525,10 @@ def _gpt2_bpe_tokenizer(vocab_file: Path, merge_file: Path) -> Any:
 
 
 def _hf_source(cfg: Mapping[str, Any], artifact_dir: str | Path | None) -> tuple[str, Path]:
-    """The config key and local path of the tokenizer: ``type`` (unless it is a hub name), ``model``, ``vocab_file``."""
-    for key in ("type", "model", "vocab_file"):
+    """The config key and local path of the tokenizer: ``model`` or ``vocab_file`` (a ``tokenizer.json``, e.g. the
+    ``.nemo``'s own artifact), else ``type`` (unless it is a hub name). A file's own tokenizer comes first, so
+    the directory in ``type`` that our ``.nemo`` files name for NeMo is never opened when reading them."""
+    for key in ("model", "vocab_file", "type"):
         if cfg.get(key) is None:
             continue
         path = _resolve_path(cfg, key, artifact_dir)
@@ -593,3 +597,118 @@ def build_tokenizer(tokenizer_cfg: Mapping[str, Any], artifact_dir: str | Path |
     raise ValueError(
         f"tokenizer.library: unsupported value {library!r}; supported values: {', '.join(SUPPORTED_LIBRARIES)}"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Save side: the ``tokenizer`` config written into a ``.nemo``, in the form NeMo 2.5 rebuilds
+# ---------------------------------------------------------------------------------------------------------------
+
+# The tokenizer keys NeMo writes into every ``model_config.yaml`` (unused ones as null).
+NEMO_TOKENIZER_KEYS = ("library", "type", "model", "vocab_file", "merge_file", "delimiter", "sentencepiece_legacy")
+# The keys whose files NeMo carries inside the ``.nemo`` (``register_artifact``); ``type`` is never one of them.
+NEMO_ARTIFACT_KEYS = ("model", "vocab_file", "merge_file")
+
+
+# Class names that only transformers >= 5 writes into tokenizer_config.json (NeMo 2.5 pins transformers 4).
+TRANSFORMERS_5_ONLY_CLASSES = ("TokenizersBackend",)
+
+
+class NemoTokenizerWarning(UserWarning):
+    """A ``.nemo`` is being written whose tokenizer NVIDIA NeMo would not rebuild as this library does."""
+
+
+def nemo_tokenizer_config(
+    tokenizer_cfg: Mapping[str, Any], tokenizer: Tokenizer
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``tokenizer`` config to write into a ``.nemo`` and the local files that travel in it as artifacts.
+
+    Returns ``(config, artifacts)`` where ``artifacts`` maps config keys (``"model"``, ...) to local files; the
+    writer stores each file in the tar and sets its key to ``nemo:<name>``. The config has NeMo's keys and values
+    such that NeMo 2.5's ``MegatronGPTModel.restore_from`` builds the same tokenizer (token ids) as
+    :func:`build_tokenizer` does from it. Where NeMo cannot, a :class:`NemoTokenizerWarning` says why
+    (``docs/checkpoints.md``, "Restoring our files in NVIDIA NeMo"):
+
+    - ``byte-level`` with ``special_tokens``: NeMo reserves the same ids but encodes the strings as plain bytes;
+    - ``sentencepiece`` in legacy mode without a named ``eos_token``: NeMo's legacy tokenizer then has no eos id;
+    - ``huggingface`` without a local tokenizer directory in ``type``: NeMo builds Hugging Face tokenizers only
+      from ``type`` (a Hub id or a directory, never a file inside the ``.nemo``).
+    """
+    cfg = {key: None for key in NEMO_TOKENIZER_KEYS} | _plain(dict(tokenizer_cfg))
+    artifacts: dict[str, str] = {}
+    library = cfg["library"]
+    if library == "sentencepiece":
+        # NeMo's default for a missing key is legacy mode, this library's is not: say which one was used.
+        cfg["sentencepiece_legacy"] = bool(getattr(tokenizer, "legacy", False))
+        named = cfg.get("special_tokens") if isinstance(cfg.get("special_tokens"), Mapping) else {}
+        if cfg["sentencepiece_legacy"] and "eos_token" not in named:
+            _warn_nemo(
+                "tokenizer.sentencepiece_legacy: NeMo's legacy SentencePiece tokenizer knows bos/eos/pad only by "
+                "name, so without tokenizer.special_tokens {bos_token: ..., eos_token: ..., pad_token: ...} its "
+                "eos_id fails (this library falls back to the model's own ids)"
+            )
+    elif library == "byte-level" and cfg.get("special_tokens"):
+        _warn_nemo(
+            f"tokenizer.special_tokens {cfg['special_tokens']}: NeMo's byte-level tokenizer reserves the same ids "
+            "but encodes these strings as plain bytes, so text holding them gets other token ids in NeMo (the "
+            "weights and logits for the same ids are unaffected)"
+        )
+    elif library == "huggingface":
+        _huggingface_for_nemo(cfg, tokenizer, artifacts)
+    for key in NEMO_ARTIFACT_KEYS:
+        value = cfg.get(key)
+        if isinstance(value, str) and Path(value).is_file():
+            artifacts[key] = value
+    return cfg, artifacts
+
+
+def _huggingface_for_nemo(cfg: dict[str, Any], tokenizer: Tokenizer, artifacts: dict[str, str]) -> None:
+    """NeMo builds a Hugging Face tokenizer with ``AutoTokenizer.from_pretrained(tokenizer.type, ...)`` and passes
+    ``special_tokens`` as keyword arguments. So ``type`` stays (or becomes) a local tokenizer directory, whose
+    ``tokenizer.json`` also travels as the ``model`` artifact for this library, and a list of special tokens
+    becomes NeMo's ``{additional_special_tokens: [...]}``."""
+    if isinstance(cfg.get("special_tokens"), list):
+        cfg["special_tokens"] = {"additional_special_tokens": cfg["special_tokens"]}
+    source = cfg.get("type")
+    if isinstance(source, str) and Path(source).expanduser().is_dir():
+        directory = Path(source).expanduser().resolve()
+        cfg["type"] = str(directory)
+        if _tokenizer_class(directory) in TRANSFORMERS_5_ONLY_CLASSES:
+            _warn_nemo(
+                f"tokenizer.type {directory} was saved by transformers 5 (tokenizer_class "
+                f"{_tokenizer_class(directory)}), which NeMo 2.5's transformers 4 cannot load: give NeMo the "
+                "model's original tokenizer files (e.g. from the Hub)"
+            )
+        if (directory / "tokenizer.json").is_file() and cfg.get("model") is None:
+            artifacts["model"] = str(directory / "tokenizer.json")
+        # Named special tokens, so the tokenizer.json alone rebuilds them where the directory is gone.
+        hf = getattr(tokenizer, "tokenizer", None)
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            token = getattr(hf, key, None)
+            if isinstance(token, str) and cfg.get(key) is None:
+                cfg[key] = token
+        return
+    if isinstance(source, str) and Path(source).expanduser().is_file():
+        # A bare tokenizer.json travels under ``model``: NeMo would read ``type`` as a Hub id.
+        if cfg.get("model") is None:
+            cfg["model"] = source
+        cfg["type"] = source = None
+    if source is None or str(source).startswith(NEMO_ARTIFACT_PREFIX) or Path(str(source)).is_absolute():
+        _warn_nemo(
+            f"tokenizer.type={source!r}: NeMo 2.5 builds a Hugging Face tokenizer only from tokenizer.type (a Hub "
+            "id or a local directory), never from a file inside the .nemo; this file carries its tokenizer for "
+            "nemo_aligner, but NeMo cannot restore it until tokenizer.type names a directory written with the "
+            "tokenizer's "
+            "save_pretrained (pass it as NeMo's override_config_path, or set model.tokenizer.type before saving)"
+        )
+
+
+def _tokenizer_class(directory: Path) -> str | None:
+    config = directory / "tokenizer_config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _warn_nemo(message: str) -> None:
+    warnings.warn(f"writing a .nemo that NVIDIA NeMo would read differently: {message}", NemoTokenizerWarning, 3)

@@ -17,13 +17,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from nemo_aligner.checkpoint.trainer_checkpoint import load_checkpoint
 from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.exp_manager import PreemptionHandler, RunTimer
+from nemo_aligner.utils.health import NonFiniteGuard, agree_any, step_health_metrics
 from nemo_aligner.utils.kill_points import kill_point
 
 logger = logging.getLogger(__name__)
@@ -39,15 +38,6 @@ def limited(total: int, limit: float | int | None) -> int:
     if isinstance(limit, float) and limit <= 1.0:
         return int(math.floor(total * limit)) if limit < 1.0 else total
     return min(total, int(limit))
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (stop decisions must agree across ranks)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=torch.cuda.current_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 class BaseTrainer:
@@ -101,6 +91,7 @@ class BaseTrainer:
         self.save_interval = int(cfg.get("save_interval") or self.val_check_interval)
         self.val_batches = limited(len(val_dataloader), cfg.get("limit_val_batches", 1.0)) if val_dataloader else 0
         self.last_val_metrics: dict[str, float] = {}
+        self.health = NonFiniteGuard.from_config(cfg)
 
     # ------------------------------------------------------------------ schedule
     def _compute_max_steps(self) -> int:
@@ -120,11 +111,13 @@ class BaseTrainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
+        state = {"step": self.step, "consumed_samples": self.consumed_samples, "epoch": self.epoch}
+        return {**state, **self.health.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
         self.consumed_samples = int(state["consumed_samples"])
+        self.health.load_state_dict(state)
 
     def checkpoint_state(self) -> tuple[dict, dict]:
         """(sharded state dict of model + optimizer + schedule, trainer state) for the checkpoint callback."""
@@ -160,15 +153,17 @@ class BaseTrainer:
 
     def train_single_step(self, batch: dict) -> dict[str, float]:
         self.model.prepare_for_training_step()
-        _, metrics = self.model.get_loss_and_metrics(batch=self.prepare_batch(batch, True), forward_only=False)
+        loss, metrics = self.model.get_loss_and_metrics(batch=self.prepare_batch(batch, True), forward_only=False)
         self.model.finish_training_step()
         kill_point("after_backward")
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        updated, grad_norm, _ = self.optimizer.step()
+        # megatron's optimizer step; a non-finite loss or gradient norm on any rank stops the run or skips the update
+        updated, grad_norm = self.health.optimizer_step(self.optimizer, metrics.get("loss", loss), self.step + 1)
         if updated:
             self.scheduler.step(increment=1)
         kill_point("after_optimizer_step")
-        return {**metrics, "grad_norm": float(grad_norm or 0.0), "lr": lr}
+        health = step_health_metrics(self.health, batch)
+        return {**metrics, "grad_norm": float(grad_norm or 0.0), "lr": lr, **health}
 
     def run_validation(self) -> dict[str, float]:
         """Metrics over the validation set, each a mean weighted by the batch's ``num_tokens``/``num_pairs``."""
@@ -193,12 +188,26 @@ class BaseTrainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
         """Train until ``max_steps``, validating and saving on schedule; stop cleanly on SIGTERM or time-out."""
+        if self.already_finished():
+            return
         self.model.prepare_for_training()
         with self.progress_bar() as progress, PreemptionHandler() as preemption:
             self.train_until(self.max_steps, progress, preemption)
         self.model.finish_training()
         if self.logger is not None:
             self.logger.finalize()
+
+    def already_finished(self) -> bool:
+        """A rerun of a finished run (resumed at its last step) says so instead of drawing a full progress bar."""
+        if self.step < self.max_steps:
+            return False
+        logger.info(
+            "This run is already finished: resumed at step %d of max_steps=%d; nothing to train. Raise max_steps "
+            "(or max_epochs) to train further, or use another exp_manager.explicit_log_dir for a new run.",
+            self.step,
+            self.max_steps,
+        )
+        return True
 
     def progress_bar(self):
         return tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not is_global_rank_zero())
@@ -238,7 +247,7 @@ class BaseTrainer:
 
     def after_step(self, preemption: PreemptionHandler, is_last: bool) -> bool:
         """Validate and save on schedule; returns True when the run must stop now."""
-        stop = any_rank(preemption.received or self.run_timer.is_finished())
+        stop = agree_any(preemption.received or self.run_timer.is_finished())
         if self.step % self.val_check_interval == 0 or is_last:
             self.last_val_metrics = self.run_validation()
             self.log(self.last_val_metrics, self.metric_prefix_val)

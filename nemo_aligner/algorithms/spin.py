@@ -148,6 +148,8 @@ class SPINTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
+        if self.already_finished():
+            return
         self.model.prepare_for_training()
         with self.progress_bar() as progress, PreemptionHandler() as preemption:
             while self.iteration < self.max_iterations and self.step < self.max_steps:

@@ -17,6 +17,7 @@ allowlist unpickler, everything else through `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gzip
 import io
@@ -55,6 +56,22 @@ class NemoFormatError(ValueError):
 # Container: open (unpack) and save (pack)
 # ---------------------------------------------------------------------------------------------------------------
 
+_scratch_dirs: set[str] = set()
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new temporary directory that is removed when the process exits (or earlier, by its owner)."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    _scratch_dirs.add(path)
+    return path
+
+
+@atexit.register
+def _remove_scratch_dirs() -> None:
+    for path in list(_scratch_dirs):
+        shutil.rmtree(path, ignore_errors=True)
+    _scratch_dirs.clear()
+
 
 @contextlib.contextmanager
 def open_nemo(
@@ -72,14 +89,60 @@ def open_nemo(
         raise FileNotFoundError(f".nemo checkpoint not found: {path}")
     if path.is_dir():
         _require_model_config(path, path)
-        yield path
+        _refuse_outside_paths(path, path)
+        with _naming(path):
+            yield path
         return
     with tempfile.TemporaryDirectory(prefix="nemo_", dir=tmp_dir) as tmp:
         unpacked = Path(tmp)
         select = None if with_weights else _outside_weights
         _safe_extract(path, unpacked, select=select)
         _require_model_config(unpacked, path)
-        yield unpacked
+        _refuse_outside_paths(unpacked, path)
+        with _naming(path):
+            yield unpacked
+
+
+@contextlib.contextmanager
+def _naming(source: Path) -> Iterator[None]:
+    """A NemoFormatError raised while the checkpoint is open names it (its unpacked copy is a temporary path)."""
+    try:
+        yield
+    except NemoFormatError as err:
+        if str(source) in str(err):
+            raise
+        raise NemoFormatError(f"{source}: {err}") from err
+
+
+# Tokenizer keys that name files (tokenizers.build_tokenizer opens them).
+_TOKENIZER_FILE_KEYS = ("model", "vocab_file", "merge_file", "tokenizer_model", "type")
+
+
+def _refuse_outside_paths(unpacked_dir: Path, source: Path) -> None:
+    """An untrusted `.nemo` may point its tokenizer only at its own artifacts (`nemo:<name>`) or at plain names:
+    an absolute path, `~` or `..` would make us open a file of this machine, so it is refused before anything is
+    opened."""
+    try:
+        tokenizer = OmegaConf.load(unpacked_dir / MODEL_CONFIG_FILE).get("tokenizer")
+    except Exception:  # a malformed config is reported, with its reason, by read_model_config
+        return
+    if not isinstance(tokenizer, DictConfig):
+        return
+    carried = any(str(tokenizer.get(key)).startswith(ARTIFACT_PREFIX) for key in ("model", "vocab_file"))
+    for key in _TOKENIZER_FILE_KEYS:
+        value = tokenizer.get(key)
+        if not isinstance(value, str) or (key == "type" and carried):
+            # Our files name the HF tokenizer directory in `type` for NeMo; reading them never opens it
+            # (tokenizers._hf_source takes the carried artifact first).
+            continue
+        name = value[len(ARTIFACT_PREFIX) :] if value.startswith(ARTIFACT_PREFIX) else value
+        parts = PurePosixPath(name.replace("\\", "/"))
+        if parts.is_absolute() or name.startswith("~") or ".." in parts.parts or (name != value and "/" in name):
+            raise NemoFormatError(
+                f"{source}: refusing tokenizer.{key}={value!r}: a path outside the checkpoint (absolute, ~ or ..) "
+                "in an untrusted .nemo would open a file of this machine; store the file inside the .nemo "
+                f"({ARTIFACT_PREFIX}<name>)"
+            )
 
 
 def _outside_weights(name: str) -> bool:
@@ -135,6 +198,9 @@ def _safe_extract(archive: Path, dest: Path, select: Callable[[str], bool] | Non
         raise NemoFormatError(f"{archive}: refusing unsafe tar member: {exc}") from exc
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise NemoFormatError(f"{archive}: file is truncated or not a .nemo tar archive ({exc})") from exc
+    except OSError as exc:  # e.g. a member name longer than the file system allows, or a full disk
+        member = os.path.relpath(exc.filename, dest) if isinstance(exc.filename, str) else "?"
+        raise NemoFormatError(f"{archive}: cannot extract member {member!r}: {exc.strerror or exc}") from exc
 
 
 def _check_member(archive: Path, member: tarfile.TarInfo) -> None:

@@ -136,14 +136,30 @@ def verify_checkpoint(path: Path) -> None:
                 raise CheckpointError(f"{shard}: truncated ({size} bytes, the metadata needs {needed})")
         verify_torch_dist(state_dir)
         for rng_file in sorted((path / RNG_DIR).glob("rank_*.pt")):
-            try:
-                torch.load(rng_file, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as exc:
-                raise CheckpointError(f"{rng_file}: refusing, it needs unrestricted unpickling ({exc})") from exc
-    except (CheckpointError, NemoFormatError, EOFError, RuntimeError) as exc:
+            _verify_rng_file(rng_file)
+    except (CheckpointError, NemoFormatError, EOFError, RuntimeError, OSError) as exc:
         raise CheckpointError(
-            f"cannot resume from {path}: {exc}; move it away to resume from an earlier checkpoint"
+            f"cannot resume from {path}: {_reason(exc)}; move it away to resume from an earlier checkpoint"
         ) from exc
+
+
+def _verify_rng_file(rng_file: Path) -> None:
+    """An RNG file loads weights-only and holds the states this module writes; every refusal says why."""
+    if rng_file.stat().st_size == 0:
+        raise CheckpointError(f"{rng_file}: empty file (0 bytes): the save was cut short")
+    try:
+        state = torch.load(rng_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{rng_file}: refusing, it needs unrestricted unpickling ({_reason(exc)})") from exc
+    except (EOFError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{rng_file}: not a readable torch file ({_reason(exc)})") from exc
+    if not isinstance(state, dict) or not {"torch", "python", "numpy", "tracker"} <= set(state):
+        raise CheckpointError(f"{rng_file}: not an RNG state file (expected torch, python, numpy and tracker states)")
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message, or its type when it has none (EOFError() says nothing by itself)."""
+    return str(exc) or type(exc).__name__
 
 
 def save_checkpoint(

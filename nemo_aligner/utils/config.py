@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_aligner.utils.run_lock import released_on_exit
+
 EMBEDDED_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "embedded"
 
 RESOLVERS: dict[str, Callable] = {
@@ -66,13 +68,19 @@ def hydra_runner(config_path: str, config_name: str):
             register_resolvers()
             configure_logging()
             if cfg is not None:
-                return task(cfg)
+                with released_on_exit():  # the results-directory lock of this run, also when it raises
+                    return task(cfg)
             import hydra
 
             caller_dir = Path(sys.modules[task.__module__].__file__).resolve().parent
             absolute = str((caller_dir / config_path).resolve())
             sys.argv = [*sys.argv, *HYDRA_DEFAULT_OVERRIDES]
-            return hydra.main(config_path=absolute, config_name=config_name, version_base=None)(task)()
+            from nemo_aligner.utils.user_errors import exit_on_user_error
+
+            # A user error (bad key, data, checkpoint) ends the command with its message, not a traceback.
+            return hydra.main(config_path=absolute, config_name=config_name, version_base=None)(
+                exit_on_user_error(released_on_exit()(task))
+            )()
 
         return wrapper
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from numbers import Number
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 logger = logging.getLogger(__name__)
+
+NON_FINITE_POLICIES = ("stop", "skip")  # trainer.<algorithm>.non_finite.policy (nemo_aligner.utils.health)
 
 
 class ConfigError(ValueError):
@@ -98,15 +101,69 @@ class ConfigChecker:
             raise ConfigError(f"{len(self.problems)} config problem(s):\n  {lines}")
 
 
+def check_finite_numbers(checker: ConfigChecker, roots: Iterable[str] = ("trainer", "model", "exp_manager")) -> None:
+    """Every float under ``roots`` is finite: a NaN or inf learning rate, penalty or limit is named here, not by
+    torch mid-run (YAML spells them ``.nan`` and ``.inf``)."""
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for name, child in node.items():
+                walk(child, f"{key}.{name}")
+        elif isinstance(node, list):
+            for index, child in enumerate(node):
+                walk(child, f"{key}[{index}]")
+        elif isinstance(node, float) and not math.isfinite(node):
+            checker.add(key, f"must be a finite number, got {node}")
+
+    for root in roots:
+        node = OmegaConf.select(checker.cfg, root)
+        if isinstance(node, (DictConfig, ListConfig)):
+            walk(OmegaConf.to_container(node, resolve=False), root)
+
+
 def check_loop(checker: ConfigChecker, loop: str) -> None:
-    """``trainer.<loop>.*``: the limits every trainer understands."""
+    """``trainer.<loop>.*``: the limits every trainer understands. A limit of 0 would mean "train nothing" and is
+    refused (NeMo's trainer read some of them as "no limit"); ``max_steps=-1`` means no step limit and
+    ``limit_val_batches=0`` no validation (docs/run_health.md)."""
     prefix = f"trainer.{loop}"
     checker.integer(f"{prefix}.max_epochs", minimum=1)
-    checker.integer(f"{prefix}.max_steps", minimum=-1)
-    for key in ("val_check_interval", "limit_train_batches", "limit_val_batches"):
-        checker.number(f"{prefix}.{key}", minimum=0)
+    max_steps = checker.integer(f"{prefix}.max_steps", minimum=-1)
+    if max_steps == 0:
+        checker.add(f"{prefix}.max_steps", "0 would train nothing: give a positive number, or -1 for no step limit")
+    for key in ("val_check_interval", "limit_train_batches"):
+        value = checker.number(f"{prefix}.{key}", minimum=0)
+        if value == 0:
+            checker.add(
+                f"{prefix}.{key}", "0 would mean never (or nothing): give a fraction of an epoch in (0, 1] or a count"
+            )
+    checker.number(f"{prefix}.limit_val_batches", minimum=0)
     checker.integer(f"{prefix}.save_interval", minimum=0, required=False)
     checker.number(f"{prefix}.gradient_clip_val", minimum=0, required=False)
+    checker.choice(f"{prefix}.non_finite.policy", NON_FINITE_POLICIES, required=False)
+    checker.integer(f"{prefix}.non_finite.max_consecutive_skips", minimum=1, required=False)
+
+
+def check_preference_loss(checker: ConfigChecker, prefix: str) -> None:
+    """``model.dpo`` / ``model.spin`` loss numbers: loss weights of 0 and 0 train nothing while still saving
+    checkpoints, and with a preference loss a KL penalty (beta) of 0 makes its gradient zero (IPO divides by it)."""
+    weights = {}
+    for name in ("preference_loss_weight", "sft_loss_weight"):
+        weights[name] = checker.number(f"{prefix}.{name}", minimum=0, required=False)
+    if weights["preference_loss_weight"] == 0:
+        if not weights["sft_loss_weight"]:
+            checker.add(
+                f"{prefix}.preference_loss_weight",
+                "0 with sft_loss_weight 0: the loss is zero and no step would change the model",
+            )
+        return
+    penalty = checker.get(f"{prefix}.ref_policy_kl_penalty")
+    listed = isinstance(penalty, ListConfig)
+    for index, value in enumerate(penalty if listed else [penalty]):
+        if isinstance(value, Number) and not isinstance(value, bool) and value <= 0:
+            checker.add(
+                f"{prefix}.ref_policy_kl_penalty" + (f"[{index}]" if listed else ""),
+                f"must be > 0 with a preference loss (beta scales it; 0 gives zero gradients), got {value}",
+            )
 
 
 def check_batch_sizes(checker: ConfigChecker, mbs_key: str, gbs_key: str, data_parallel_size: int) -> None:
@@ -204,16 +261,39 @@ def check_optimizer(checker: ConfigChecker, optim_key: str) -> None:
     from nemo_aligner.utils.optimization import ADAM_NAMES, DISTRIBUTED_NAMES, SCHEDULES
 
     checker.choice(f"{optim_key}.name", ADAM_NAMES + DISTRIBUTED_NAMES)
-    checker.number(f"{optim_key}.lr", minimum=0)
+    lr = checker.number(f"{optim_key}.lr", minimum=0)  # 0 is allowed: a frozen run still validates and saves
     checker.number(f"{optim_key}.weight_decay", minimum=0, required=False)
+    checker.number(f"{optim_key}.eps", minimum=0, required=False)
+    betas = checker.get(f"{optim_key}.betas")
+    if betas is not None and (
+        not isinstance(betas, ListConfig)
+        or len(betas) != 2
+        or not all(isinstance(b, Number) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    ):
+        checker.add(f"{optim_key}.betas", f"must be two numbers in [0, 1), got {betas}")
     checker.choice(f"{optim_key}.sched.name", SCHEDULES, required=False)
+    for key in ("warmup_steps", "constant_steps"):
+        checker.integer(f"{optim_key}.sched.{key}", minimum=0, required=False)
+    min_lr = checker.number(f"{optim_key}.sched.min_lr", minimum=0, required=False)
+    if min_lr is not None and lr and min_lr > lr:
+        checker.add(f"{optim_key}.sched.min_lr", f"{min_lr} is above {optim_key}.lr ({lr})")
 
 
-def check_resume_checkpoint(checker: ConfigChecker) -> None:
-    """The checkpoint a run would resume from is complete and safe, checked before any model is built."""
-    from nemo_aligner.checkpoint.trainer_checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+def check_resume_checkpoint(checker: ConfigChecker, loop: str | None = None) -> None:
+    """The checkpoint a run would resume from is complete and safe, and was trained with a config it can continue
+    with (same data, global batch size, loss and model shape; other changes are logged), checked before any model
+    is built. The run's identity is remembered so its checkpoints store it."""
+    from nemo_aligner.checkpoint import run_identity
+    from nemo_aligner.checkpoint.trainer_checkpoint import (
+        CheckpointError,
+        list_checkpoints,
+        read_trainer_state,
+        verify_checkpoint,
+    )
     from nemo_aligner.utils.exp_manager import resolve_log_dir
 
+    identity = run_identity.identity_of(checker.cfg, loop) if loop else None
+    run_identity.remember(identity)
     exp_cfg = checker.get("exp_manager")
     if exp_cfg is None or not exp_cfg.get("resume_if_exists", True):
         return
@@ -223,6 +303,11 @@ def check_resume_checkpoint(checker: ConfigChecker) -> None:
             verify_checkpoint(existing[-1])
     except CheckpointError as err:
         checker.add("exp_manager.resume_if_exists", str(err))
+        return
+    if existing and identity is not None:
+        stored = read_trainer_state(existing[-1]).get(run_identity.TRAINER_STATE_KEY)
+        for key, problem in run_identity.compare(stored, identity, existing[-1]):
+            checker.add(key, problem)
 
 
 def clamp_lengths_to_context(cfg: DictConfig, keys: Iterable[str], context: int) -> None:

@@ -27,8 +27,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_aligner.checkpoint import trainer_checkpoint
+from nemo_aligner.checkpoint import run_identity, trainer_checkpoint
+from nemo_aligner.utils import run_lock
 from nemo_aligner.utils.distributed import is_global_rank_zero
+from nemo_aligner.utils.health import require_finite
 from nemo_aligner.utils.kill_points import kill_point
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class Experiment:
     resume_path: Path | None
     name: str = "megatron_gpt"
     csv_logger: ResumableCSVLogger | None = None
+    identity: dict[str, Any] | None = None  # what a step means (run_identity), stored in every checkpoint
 
 
 def resolve_log_dir(cfg: Mapping[str, Any]) -> Path:
@@ -58,6 +61,7 @@ def exp_manager(trainer, cfg: DictConfig | Mapping[str, Any] | None) -> Experime
     """Create the log directory and loggers (set on ``trainer.loggers``) and find the checkpoint to resume from."""
     cfg = OmegaConf.create(cfg or {})
     log_dir = resolve_log_dir(cfg)
+    take_run_lock(log_dir)
     checkpoint_dir = log_dir / "checkpoints"
     if is_global_rank_zero():
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +82,26 @@ def exp_manager(trainer, cfg: DictConfig | Mapping[str, Any] | None) -> Experime
     if csv_logger is not None and is_global_rank_zero():
         rows = trainer_checkpoint.read_trainer_state(resume_path).get(METRICS_ROWS_KEY) if resume_path else 0
         csv_logger.truncate(rows)
-    return Experiment(log_dir, checkpoint_dir, resume_path, cfg.get("name") or "megatron_gpt", csv_logger)
+    name = cfg.get("name") or "megatron_gpt"
+    return Experiment(log_dir, checkpoint_dir, resume_path, name, csv_logger, run_identity.take())
+
+
+def take_run_lock(log_dir: Path) -> None:
+    """One run per results directory: rank 0 takes ``run.lock`` and every rank learns whether it may go on."""
+    import torch.distributed as dist
+
+    failure = None
+    if is_global_rank_zero():
+        try:
+            run_lock.acquire(log_dir)
+        except run_lock.RunLockedError as err:
+            failure = str(err)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        holder = [failure]
+        dist.broadcast_object_list(holder, src=0)
+        failure = holder[0]
+    if failure is not None:
+        raise run_lock.RunLockedError(failure)
 
 
 def build_loggers(cfg: DictConfig, log_dir: Path) -> list:
@@ -245,6 +268,7 @@ class CheckpointCallback:
         self.nemo_fn = nemo_fn
         self.final_nemo_path = experiment.checkpoint_dir / f"{experiment.name}.nemo"
         self.csv_logger = experiment.csv_logger
+        self.identity = experiment.identity
 
     def custom_save(self, monitor_candidates: Mapping[str, Any], is_train_end: bool = False) -> Path:
         """Save a checkpoint named from ``monitor_candidates`` (which also holds ``step`` etc.).
@@ -252,10 +276,14 @@ class CheckpointCallback:
         At the end of training the final ``.nemo`` is exported first: a run killed during the export then resumes
         from an earlier checkpoint and exports again, instead of finding its last checkpoint done and no ``.nemo``.
         """
+        sharded, trainer_state = self.state_fn()
+        # Nothing non-finite is ever written: the last checkpoint on disk stays the last good one.
+        require_finite(sharded, "a checkpoint or .nemo", int(monitor_candidates.get("step", 0)))
         if is_train_end and self.save_nemo_on_train_end:
             self.nemo_fn(self.final_nemo_path)
-        sharded, trainer_state = self.state_fn()
         trainer_state = {**trainer_state, "monitor": {self.monitor: monitor_candidates.get(self.monitor)}}
+        if self.identity is not None:  # what a step means: checked when a run resumes from this one
+            trainer_state[run_identity.TRAINER_STATE_KEY] = self.identity
         if self.csv_logger is not None and is_global_rank_zero():
             trainer_state[METRICS_ROWS_KEY] = self.csv_logger.flush()
         name = format_checkpoint_name(self.filename, monitor_candidates)
@@ -304,24 +332,30 @@ def _parse_duration(value: str) -> float:
 
 
 class PreemptionHandler:
-    """Turns SIGTERM (Slurm preemption, ``scancel``) into a flag the loop checks after each step."""
+    """Turns SIGTERM (Slurm preemption, ``scancel``) and SIGINT (Ctrl-C) into a flag the loop checks after each
+    step: the run saves a checkpoint at the step boundary and stops. A second Ctrl-C stops at once, unsaved."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
-        logger.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        name = signal.Signals(signum).name
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the save
+        logger.warning("%s received: saving a checkpoint and stopping after this step (Ctrl-C again: stop now)", name)
         self.received = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False

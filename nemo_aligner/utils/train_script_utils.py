@@ -21,9 +21,11 @@ from nemo_aligner.utils.config_validation import (
     ConfigChecker,
     check_batch_sizes,
     check_checkpoint_architecture,
+    check_finite_numbers,
     check_loop,
     check_model_parallel,
     check_optimizer,
+    check_preference_loss,
     check_resume_checkpoint,
     clamp_lengths_to_context,
 )
@@ -143,6 +145,7 @@ def config_view(cfg: DictConfig, model_cfg: DictConfig) -> DictConfig:
 
 def validate_common(checker: ConfigChecker, loop: str, world_size: int) -> int:
     """Checks every algorithm shares; returns the data-parallel size."""
+    check_finite_numbers(checker)
     check_loop(checker, loop)
     data_parallel_size = check_model_parallel(checker, "model", world_size)
     check_optimizer(checker, "model.optim")
@@ -151,7 +154,7 @@ def validate_common(checker: ConfigChecker, loop: str, world_size: int) -> int:
         checker.add("restore_from_path", f"checkpoint not found: {restore}")
     elif restore:
         check_checkpoint_architecture(checker, "model", restore)
-    check_resume_checkpoint(checker)
+    check_resume_checkpoint(checker, loop)
     max_time = checker.get("exp_manager.max_time_per_run")
     if max_time is not None:
         try:
@@ -325,8 +328,8 @@ def validate_dpo_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int)
     checker.choice("model.dpo.preference_loss", PREFERENCE_LOSSES)
     checker.choice("model.dpo.reference", REFERENCE_STRATEGIES, required=False)
     checker.number("model.dpo.ref_policy_kl_penalty", minimum=0)
-    for key in ("gt_reward_scale", "preference_loss_weight", "sft_loss_weight"):
-        checker.number(f"model.dpo.{key}", required=False)
+    checker.number("model.dpo.gt_reward_scale", required=False)
+    check_preference_loss(checker, "model.dpo")
     checker.integer("model.dpo.log_prob_forward_micro_batch_size", minimum=1, required=False)
     checker.choice("model.peft.peft_scheme", ("none", "lora"), required=False)
     checker.choice("model.data.data_impl", ("jsonl", "packed_jsonl"), required=False)
@@ -432,6 +435,7 @@ def validate_spin_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int
             )
     else:
         checker.number("model.spin.ref_policy_kl_penalty", minimum=0)
+    check_preference_loss(checker, "model.spin")
     for key, parser in (("sampling_params", SamplingParams), ("length_params", LengthParams)):
         try:
             parser.from_config(checker.get(f"model.spin.{key}") or {})

@@ -94,7 +94,7 @@ def read_hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 def tokenizer_config(model_dir: Path) -> dict[str, Any]:
     """The NeMo ``tokenizer`` config for the tokenizer files of a local model directory."""
     if (model_dir / "tokenizer.json").is_file():
-        return {"library": "huggingface", "type": str(model_dir), "use_fast": True}
+        return {"library": "huggingface", "type": str(model_dir.resolve()), "use_fast": True}
     if (model_dir / "tokenizer.model").is_file():
         return {"library": "sentencepiece", "model": str(model_dir / "tokenizer.model")}
     raise FileNotFoundError(f"{model_dir}: no tokenizer.json or tokenizer.model; the .nemo needs a tokenizer")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import shutil
 import tarfile
 from pathlib import Path
@@ -50,26 +51,45 @@ def corpus_files(tmp_path_factory) -> dict[str, str]:
     mixed = repack(fixture, root / "mixed.nemo", encoder_seq_length=256, max_position_embeddings=256, num_layers=4)
     truncated = root / "truncated.nemo"
     truncated.write_bytes(base.read_bytes()[: int(base.stat().st_size * 0.6)])
+    context = {"encoder_seq_length": 256, "max_position_embeddings": 256}
+    absolute = repack(fixture, root / "abs_tokenizer.nemo", **context, tokenizer=_tokenizer("/etc/hostname"))
+    escaping = repack(fixture, root / "escaping_tokenizer.nemo", **context, tokenizer=_tokenizer("nemo:../../x.model"))
+    long_name = root / "long_member_name.nemo"
+    shutil.copyfile(base, long_name)
+    with tarfile.open(long_name, "a:") as tar:  # a member name longer than file systems allow (255 bytes)
+        info = tarfile.TarInfo("./" + "n" * 300)
+        tar.addfile(info, io.BytesIO(b""))
     return {
         "data": str(CORPUS / "data"),
         "base_nemo": str(base),
         "mixed_nemo": str(mixed),
         "truncated_nemo": str(truncated),
+        "abs_tokenizer_nemo": str(absolute),
+        "escaping_tokenizer_nemo": str(escaping),
+        "long_member_nemo": str(long_name),
     }
+
+
+def _tokenizer(model: str) -> dict:
+    return {"library": "sentencepiece", "model": model}
 
 
 def prepare_results(kind: str | None, results: Path, request) -> None:
     """An existing run's results: a metrics file and, when asked, a trainer checkpoint with a cut shard file."""
     (results / "checkpoints").mkdir(parents=True)
     (results / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    if kind is None:
+        return
+    if kind not in ("truncated_trainer_checkpoint", "sft_trainer_checkpoint", "zero_byte_rng_checkpoint"):
+        raise ValueError(f"unknown results kind {kind!r}")
+    complete = request.getfixturevalue("one_step_sft_checkpoint")
+    copy = results / "checkpoints" / complete.name
+    shutil.copytree(complete, copy)
     if kind == "truncated_trainer_checkpoint":
-        complete = request.getfixturevalue("one_step_sft_checkpoint")
-        copy = results / "checkpoints" / complete.name
-        shutil.copytree(complete, copy)
         shard = max((copy / trainer_checkpoint.STATE_DIR).glob("*.distcp"), key=lambda p: p.stat().st_size)
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    elif kind is not None:
-        raise ValueError(f"unknown results kind {kind!r}")
+    elif kind == "zero_byte_rng_checkpoint":
+        (copy / trainer_checkpoint.RNG_DIR / "rank_0.pt").write_bytes(b"")
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -179,8 +179,26 @@ def build_dpo_dataset(
             f"{files}: all {len(dropped)} pairs are longer than model.data.seq_length={seq_length} tokens (prompt + "
             "the longer response); raise model.data.seq_length or shorten the data"
         )
+    _report_identical_pairs(dataset, name)
     logger.info("%s (%s): %d pairs", name, files, len(pairs))
     return dataset
+
+
+def _report_identical_pairs(dataset: DPODataset, name: str) -> None:
+    """Pairs whose chosen and rejected tokens are the same stay out of the loss; say where they are, per file."""
+    identical = dataset.identical_lines
+    for path in dict.fromkeys(path for path, _ in identical):
+        lines = [line for p, line in identical if p == path]
+        listed = ", ".join(f"{path}:{line}" for line in lines[:_MAX_LISTED_DROPS])
+        logger.warning(
+            "%s: %d pairs of %s have identical chosen and rejected responses after tokenization; they are excluded "
+            "from the loss (metric excluded_pairs): %s%s",
+            name,
+            len(lines),
+            path,
+            listed,
+            " ..." if len(lines) > _MAX_LISTED_DROPS else "",
+        )
 
 
 def build_dpo_datasets(

@@ -75,6 +75,11 @@ class PreferencePair:
         """Tokens of the longer sequence (what must fit in ``seq_length``)."""
         return max(len(self.chosen_ids), len(self.rejected_ids))
 
+    @property
+    def identical(self) -> bool:
+        """Chosen and rejected are the same tokens: the pair cannot teach a preference (its loss is constant)."""
+        return np.array_equal(self.chosen_ids, self.rejected_ids)
+
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -360,7 +365,13 @@ class DPODataset(Dataset):
             "chosen_reward": pair.chosen_reward,
             "rejected_reward": pair.rejected_reward,
             "sample_index": index,
+            "valid": not pair.identical,  # identical pairs add nothing to the loss (counted: excluded_pairs)
         }
+
+    @property
+    def identical_lines(self) -> list[tuple[str, int]]:
+        """File and 1-based line of every pair whose chosen and rejected tokens are the same."""
+        return [self.origin(i) for i, pair in enumerate(self.pairs) if pair.identical]
 
 
 def response_mask(lengths: torch.Tensor, prompt_lengths: torch.Tensor, width: int) -> torch.Tensor:

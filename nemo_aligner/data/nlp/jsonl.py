@@ -94,12 +94,36 @@ def read_jsonl(path: str | os.PathLike[str], report: ProblemReport | None = None
         if not isinstance(data, dict):
             report.add(number, None, f"expected a JSON object, got {_json_type(data)}")
             continue
-        records.append(JsonlRecord(number, data))
+        unencodable = _unencodable_strings(data)
+        for key, position in unencodable:
+            report.add(
+                number,
+                key,
+                f"character {position + 1} is a lone surrogate (a \\ud800-\\udfff escape without its pair): no "
+                "tokenizer can encode it; fix the escape or remove the character",
+            )
+        if not unencodable:
+            records.append(JsonlRecord(number, data))
     if not records and not report.count:
         raise DataError(f"{path}: the file holds no samples (it is empty or only blank lines)")
     if own_report:
         report.raise_if_any()
     return records
+
+
+def _unencodable_strings(value: Any, key: str = "") -> list[tuple[str, int]]:
+    """(key path, character index) of each string that holds a lone UTF-16 surrogate (valid JSON, not valid text)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return [(key or "(value)", err.start)]
+        return []
+    if isinstance(value, dict):
+        return [found for k, v in value.items() for found in _unencodable_strings(v, f"{key}.{k}" if key else k)]
+    if isinstance(value, list):
+        return [found for i, v in enumerate(value) for found in _unencodable_strings(v, f"{key}[{i}]")]
+    return []
 
 
 def check_global_batch_fits(path: str | os.PathLike[str], num_samples: int, global_batch_size: int) -> None:

@@ -13,7 +13,6 @@ import contextvars
 import logging
 import re
 import shutil
-import tempfile
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,7 +25,7 @@ from megatron.core.distributed import DistributedDataParallel, finalize_model_gr
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nemo_aligner.checkpoint import nemo_file
+from nemo_aligner.checkpoint import nemo_config, nemo_file
 from nemo_aligner.models.nlp.gpt.model_config import layer_spec, padded_vocab_size, transformer_config_from_model_cfg
 from nemo_aligner.tokenizers import Tokenizer, build_tokenizer
 from nemo_aligner.utils import mcore_compat
@@ -328,27 +327,8 @@ class MegatronGPTModel(LightningModule):
         dist.barrier()
 
     def _config_and_artifacts_for_saving(self) -> tuple[DictConfig, dict[str, str]]:
-        """The config to store and the tokenizer files that travel with it as ``nemo:`` artifacts."""
-        cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
-        artifacts: dict[str, str] = {}
-        tokenizer_cfg = cfg.get("tokenizer") or {}
-        for key in ("model", "vocab_file", "merge_file", "type"):
-            value = tokenizer_cfg.get(key)
-            if not isinstance(value, str):
-                continue
-            path = Path(value)
-            if path.is_dir() and (path / "tokenizer.json").is_file():
-                # A saved HF tokenizer directory travels as its tokenizer.json plus the named special tokens.
-                path = path / "tokenizer.json"
-                hf = getattr(self.tokenizer, "tokenizer", None)
-                with open_dict(cfg):
-                    for token_key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-                        token = getattr(hf, token_key, None)
-                        if isinstance(token, str) and tokenizer_cfg.get(token_key) is None:
-                            cfg.tokenizer[token_key] = token
-            if path.is_file():
-                artifacts[f"tokenizer.{key}"] = str(path)
-        return cfg, artifacts
+        """The config to store (in the form NVIDIA NeMo restores) and the tokenizer files that travel with it."""
+        return nemo_config.config_for_nemo(self.cfg, self.tokenizer)
 
     @classmethod
     def restore_from(
@@ -371,7 +351,7 @@ class MegatronGPTModel(LightningModule):
             if return_config:
                 return stored_cfg
             cfg = _as_config(override_config_path) if override_config_path is not None else stored_cfg
-            artifact_dir = tempfile.mkdtemp(prefix="nemo_aligner_artifacts_")
+            artifact_dir = nemo_file.scratch_dir("nemo_aligner_artifacts_")  # removed at exit at the latest
             cfg = _with_owned_artifacts(cfg, unpacked, artifact_dir)
             layout = nemo_file.detect_weights_layout(unpacked)
             if layout == "torch_dist":
