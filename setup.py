@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 # (`pip install torch==2.13.0`); NVIDIA's containers already ship a CUDA build.
 INSTALL_REQUIRES = [
     "torch>=2.4",
-    "megatron-core>=0.16.1",
+    "megatron-core>=0.16.1,<0.20",  # 0.16.1 in CI; 0.17+ differences in utils/mcore_compat.py
     "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
     "tqdm",
     "lightning>=2.4",

@@ -58,7 +58,16 @@ SHAPES = {
     # ~58M parameters with a 32k vocabulary (only the first ~70 ids occur in the data, but every position still
     # computes full-vocabulary logits, as a real tokenizer's model does).
     "58m": LlamaShape(512, 8, 8, 8, 1408, 32000),
+    # ~0.63B parameters, Qwen2.5-0.5B's shape as a Llama (GQA 14/2, untied 152k vocabulary): the GPU benchmark.
+    "0.5b": LlamaShape(896, 24, 14, 2, 4864, 151936, max_position_embeddings=1024),
 }
+# H200 (and H100 SXM) dense bf16 peak, for MFU.
+PEAK_TFLOPS = {"cuda": 989.0}
+
+
+def mfu(tokens_per_s: float, parameters: int, flops_per_token_per_param: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation: ``k N`` FLOPs per token (6N forward+backward, 8N with a reference forward too)."""
+    return tokens_per_s * flops_per_token_per_param * parameters / (peak_tflops * 1e12)
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:

@@ -4,6 +4,15 @@
     python benchmarks/dpo_throughput.py --model 58m --pairs 64 --epochs 1 --rounds 2 \\
         --out benchmarks/results/dpo_58m.json                                                 # 58M parameters
 
+On a GPU (``docs/performance.md``, GPU section):
+
+    python benchmarks/dpo_throughput.py --device cuda --precision bf16 --model 0.5b --pair_tokens 512 \\
+        --pairs 256 --batch 16 --epochs 1 --rounds 1 --out benchmarks/results/dpo_0.5b_<gpu>.json
+
+bf16 means ours in ``trainer.precision=bf16`` + ``model.megatron_amp_O2=true`` (bf16 weights, fp32 master weights in
+megatron's optimizer) and TRL with ``bf16=True`` (fp32 weights under bf16 autocast, sdpa attention). On CUDA each
+row adds peak GPU memory, step time and MFU (6N FLOPs per trained token, 8N where a reference forward runs every step,
+the precomputed pass counted as 2N per token once; ``--peak_tflops``, 989 for an H200's dense bf16).
 (TRL: ``pip install -e ".[bench]"``.) Both sides train the same converted weights (``benchmarks/common.py``) on
 the first ``--pairs`` pairs of the embedded ``dpo_train.jsonl`` with EOS appended, in fp32, with the same global
 batch (one micro batch), AdamW (lr 1e-5, betas 0.9/0.999, no weight decay, constant schedule), gradient clipping
@@ -43,12 +52,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     EMBEDDED,
+    PEAK_TFLOPS,
     SHAPES,
     Stopwatch,
     build_models,
     current_rss_mb,
     interleaved_rounds,
     machine_info,
+    mfu,
     peak_rss_mb,
     read_jsonl,
     run_worker,
@@ -75,10 +86,42 @@ OUR_VARIANTS = {
 LR, BETA, SEED = 1e-5, 0.1, 1234
 
 
-def write_pairs(path: Path, pairs: int) -> Path:
+def write_pairs(path: Path, pairs: int, pair_tokens: int = 0, tokenizer=None) -> Path:
+    """The first ``pairs`` embedded pairs; with ``pair_tokens``, each text repeated until prompt + response is about
+    that many tokens (half prompt, half response) under ``tokenizer``."""
     lines = read_jsonl(EMBEDDED / "dpo_train.jsonl", pairs)
+    if pair_tokens:
+
+        def stretch(text: str, tokens: int) -> str:
+            out = text
+            while len(tokenizer(out)["input_ids"]) < tokens:
+                out += " " + text
+            return out
+
+        lines = [
+            {
+                **line,
+                **{k: stretch(line[k], pair_tokens // 2) for k in ("prompt", "chosen_response", "rejected_response")},
+            }
+            for line in lines
+        ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
+
+
+def _gpu_start(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gpu_row(device: str) -> dict[str, Any]:
+    import torch
+
+    if device != "cuda":
+        return {}
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20, "gpu": torch.cuda.get_device_name()}
 
 
 def run_ours(args: dict[str, Any]) -> dict[str, Any]:
@@ -106,9 +149,12 @@ def run_ours(args: dict[str, Any]) -> dict[str, Any]:
 
     def counting_step(self, batch):
         sizes["tokens"] = sizes.get("tokens", 0) + int((batch["chosen_lengths"] + batch["rejected_lengths"]).sum())
+        sizes["steps"] = sizes.get("steps", 0) + 1
         return original_step(self, batch)
 
     dpo.DPOTrainer.train_single_step = counting_step
+    precision = ["trainer.precision=bf16", "model.megatron_amp_O2=true"] if args["precision"] == "bf16" else []
+    _gpu_start(args["device"])
     with tempfile.TemporaryDirectory() as log_dir:
         data = args["data"]
         overrides = [
@@ -131,13 +177,15 @@ def run_ours(args: dict[str, Any]) -> dict[str, Any]:
             "trainer.dpo.limit_val_batches=0",
             "trainer.dpo.gradient_clip_val=1.0",
             *OUR_VARIANTS[args["arm"]],
+            *precision,
             *args.get("overrides", []),
         ]
         train_gpt_dpo.main(compose_config(Path(train_gpt_dpo.__file__).parent / "conf", "gpt_dpo", overrides))
     # reference_0 is the training set's pass (reference_1 validation's, not counted); none without precomputation.
     seconds = {k: watch.seconds.get(f"{k}_0" if k == "reference" else k, 0.0) for k in ("reference", "train")}
     cpu = {k: watch.cpu_seconds.get(f"{k}_0" if k == "reference" else k, 0.0) for k in ("reference", "train")}
-    return result_row(sizes["tokens"], seconds, cpu, rss.get("before", current_rss_mb()))
+    row = result_row(sizes["tokens"], seconds, cpu, rss.get("before", current_rss_mb()))
+    return {**row, **_gpu_row(args["device"]), "steps": sizes.get("steps", 0)}
 
 
 def run_trl(args: dict[str, Any], precompute: bool) -> dict[str, Any]:
@@ -151,7 +199,8 @@ def run_trl(args: dict[str, Any], precompute: bool) -> dict[str, Any]:
     watch = Stopwatch()
     DPOTrainer._precompute_ref_logps = watch.wrap("reference", DPOTrainer._precompute_ref_logps)
     tokenizer = AutoTokenizer.from_pretrained(args["hf"])
-    model = AutoModelForCausalLM.from_pretrained(args["hf"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args["hf"], dtype=torch.float32, attn_implementation="sdpa")
+    _gpu_start(args["device"])
     rows = read_jsonl(Path(args["data"]))
     dataset = Dataset.from_list(
         [{"prompt": r["prompt"], "chosen": r["chosen_response"], "rejected": r["rejected_response"]} for r in rows]
@@ -176,7 +225,8 @@ def run_trl(args: dict[str, Any], precompute: bool) -> dict[str, Any]:
             report_to=[],
             logging_steps=10**6,
             disable_tqdm=True,
-            use_cpu=True,
+            use_cpu=args["device"] == "cpu",
+            bf16=args["precision"] == "bf16",
             seed=SEED,
             dataloader_drop_last=True,
         )
@@ -188,7 +238,8 @@ def run_trl(args: dict[str, Any], precompute: bool) -> dict[str, Any]:
     )
     tokens = tokens * args["epochs"] * (len(rows) // args["batch"]) * args["batch"] // len(rows)
     seconds = {k: watch.seconds.get(k, 0.0) for k in ("reference", "train")}
-    return result_row(tokens, seconds, {k: watch.cpu_seconds.get(k, 0.0) for k in seconds}, before)
+    row = result_row(tokens, seconds, {k: watch.cpu_seconds.get(k, 0.0) for k in seconds}, before)
+    return {**row, **_gpu_row(args["device"]), "steps": trainer.state.global_step}
 
 
 def result_row(tokens: int, seconds: dict[str, float], cpu: dict[str, float], rss_before: float) -> dict[str, Any]:
@@ -216,6 +267,12 @@ def ratio_specs(arms: list[str]) -> dict[str, str]:
 
 def worker(args: dict[str, Any]) -> None:
     row = run_ours(args) if args["arm"] in OUR_VARIANTS else run_trl(args, precompute=args["arm"] == "trl_precompute")
+    row["step_s"] = row["train_s"] / max(row.pop("steps") or 1, 1)
+    if args["device"] == "cuda":
+        # 6N per trained token; TRL's default also runs a reference forward each step (2N); a precomputed reference
+        # costs 2N per token once (tokens counts every epoch).
+        per_token = 8.0 if args["arm"] == "trl_default" else 6.0 + 2.0 / args["epochs"]
+        row["mfu"] = mfu(row["tokens_per_s"], args["parameters"], per_token, args["peak_tflops"])
     print(json.dumps(row))
 
 
@@ -231,6 +288,10 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS[:3]), choices=ARMS)
     parser.add_argument("--ours_overrides", nargs="*", default=[], help="extra Hydra overrides for our arm")
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "nemo_aligner_bench"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32")
+    parser.add_argument("--pair_tokens", type=int, default=0, help="stretch each pair to about this many tokens")
+    parser.add_argument("--peak_tflops", type=float, help="accelerator peak for MFU (default: 989, H200 bf16 dense)")
     parser.add_argument("--out")
     cli = parser.parse_args()
     if cli.worker:
@@ -239,7 +300,12 @@ def main() -> None:
     work = Path(cli.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     hf_dir, nemo_path = build_models(work, cli.model)
-    data = write_pairs(work / f"dpo_{cli.pairs}.jsonl", cli.pairs)
+    tokenizer = None
+    if cli.pair_tokens:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    data = write_pairs(work / f"dpo_{cli.pairs}_{cli.pair_tokens}.jsonl", cli.pairs, cli.pair_tokens, tokenizer)
     result: dict[str, Any] = {
         "benchmark": "dpo_throughput",
         "model": {"name": cli.model, **SHAPES[cli.model].__dict__, "parameters": SHAPES[cli.model].num_parameters()},
@@ -250,7 +316,9 @@ def main() -> None:
     script = Path(__file__).resolve()
     for epochs in cli.epochs:
         common = {"hf": str(hf_dir), "nemo": str(nemo_path), "data": str(data), "batch": cli.batch}
-        common.update(epochs=epochs, threads=cli.threads, overrides=cli.ours_overrides)
+        common.update(epochs=epochs, threads=cli.threads, overrides=cli.ours_overrides, device=cli.device)
+        common.update(precision=cli.precision, parameters=SHAPES[cli.model].num_parameters())
+        common.update(peak_tflops=cli.peak_tflops or PEAK_TFLOPS.get(cli.device, 0.0))
         arms = {
             arm: (lambda arm=arm, common=common: run_worker(script, {**common, "arm": arm}, cli.threads))
             for arm in cli.arms
@@ -258,7 +326,7 @@ def main() -> None:
         rounds = interleaved_rounds(arms, cli.rounds, log=lambda m: print(m, file=sys.stderr))
         ratios = ratio_specs(cli.arms)
         keys = ("tokens", "reference_s", "train_s", "tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb")
-        keys += ("rss_before_train_mb",)
+        keys += ("rss_before_train_mb", "step_s") + (("peak_gpu_mb", "mfu") if cli.device == "cuda" else ())
         result["by_epochs"][str(epochs)] = {"rounds": rounds, **summarize(rounds, keys, ratios)}
     write_json(result, cli.out)
 

@@ -20,6 +20,13 @@ Importing our model enters the CPU-support function mode (``nemo_aligner/utils/c
 Python call to every torch operation; the HF and no-cache arms run outside it, as they would without our library
 (so the no-cache baseline is not slowed by it either).
 
+On a GPU (``docs/performance.md``, GPU section), bf16 weights on both sides (ours: ``trainer.precision=bf16`` +
+``megatron_amp_O2``; HF: ``dtype=bfloat16``, sdpa attention), batch 1 and 64; times include a CUDA synchronize:
+
+    python benchmarks/generation_throughput.py --device cuda --precision bf16 --model 0.5b --batches 1 64 \\
+        --prompt_length 128 --new_tokens 128 --rounds 2 --arms ours hf \\
+        --out benchmarks/results/generation_0.5b_<gpu>.json
+
 The JSON also reports how many greedy continuations are identical between ours and HF (ties in float32 rounding
 may legitimately differ late in a sequence).
 """
@@ -59,7 +66,7 @@ def no_cache_greedy(model, prompts, new_tokens: int):
     """Greedy decoding by a full forward per new token; EOS is excluded, as ``min_length`` does in the others."""
     import torch
 
-    tokens = torch.tensor(prompts)
+    tokens = torch.tensor(prompts, device=next(model.parameters()).device)
     for _ in range(new_tokens):
         logits = model(tokens)[:, -1]
         logits[:, model.tokenizer.eos_id] = float("-inf")
@@ -77,6 +84,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=ARMS)
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "nemo_aligner_bench"))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--out")
     cli = parser.parse_args()
 
@@ -91,15 +100,22 @@ def main() -> None:
     work = Path(cli.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     hf_dir, nemo_path = build_models(work, cli.model)
-    ours = MegatronGPTModel.restore_from(nemo_path).eval()
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    if cli.precision == "bf16":
+        from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
+
+        cfg = load_and_override_model_config(nemo_path, {"precision": "bf16", "megatron_amp_O2": True})
+        ours = load_from_nemo(MegatronGPTModel, cfg, restore_path=nemo_path).eval()
+    else:
+        ours = MegatronGPTModel.restore_from(nemo_path).eval()  # on current_device(): the GPU when there is one
+    dtype = torch.bfloat16 if cli.precision == "bf16" else torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="sdpa").to(cli.device).eval()
     length = {"max_length": cli.new_tokens, "min_length": cli.new_tokens}
 
     def run_hf(prompts, use_cache: bool):
         with device_rewrites_suspended():
             out = hf.generate(
-                torch.tensor(prompts),
-                attention_mask=torch.ones(len(prompts), len(prompts[0]), dtype=torch.long),
+                torch.tensor(prompts, device=cli.device),
+                attention_mask=torch.ones(len(prompts), len(prompts[0]), dtype=torch.long, device=cli.device),
                 max_new_tokens=cli.new_tokens,
                 min_new_tokens=cli.new_tokens,
                 do_sample=False,
@@ -128,14 +144,23 @@ def main() -> None:
         "by_batch": {},
     }
     names = list(arms)
+
+    def synchronize():
+        if cli.device == "cuda":
+            torch.cuda.synchronize()
+
+    if cli.device == "cuda":
+        result["machine"]["gpu"] = torch.cuda.get_device_name()
     with torch.no_grad():
         for batch in cli.batches:
             prompts = prompts_of_length(ours.tokenizer, batch, cli.prompt_length)
             outputs, times, cpu_times = {}, {name: [] for name in names}, {name: [] for name in names}
             for r in range(cli.rounds):
                 for name in names[r % len(names) :] + names[: r % len(names)]:
+                    synchronize()
                     start, cpu_start = time.perf_counter(), time.process_time()
                     outputs[name] = arms[name](prompts)
+                    synchronize()
                     times[name].append(time.perf_counter() - start)
                     cpu_times[name].append(time.process_time() - cpu_start)
                     print(f"batch {batch} round {r} {name}: {times[name][-1]:.3f}s", file=sys.stderr)

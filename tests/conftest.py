@@ -8,6 +8,33 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_aligner.utils.device import current_device
+from tests import device_guard
+
+# Tensors made without device= in the project's compute code fail the test that makes them (see device_guard.py).
+device_guard.install()
+
+# The one decision of where the suite computes: the GPU when there is one, else the CPU. Models the tests build go
+# there by themselves (MegatronGPTModel puts its parameters on current_device(); forward, get_logprobs and
+# forward_backward move CPU inputs to the model). Tests bring results back with .cpu() before comparing them with
+# CPU expectations, and take their tolerances from tolerance().
+COMPUTE_DEVICE = current_device()
+ON_GPU = COMPUTE_DEVICE.type == "cuda"
+
+
+def tolerance(cpu: float, gpu: float | None = None) -> float:
+    """A comparison tolerance: ``cpu`` on the CPU; on a GPU ``gpu`` (bf16 or TF32 kernels, other reduction orders),
+    by default 100x ``cpu`` (float32 kernels of another summation order, never looser than 1e-4)."""
+    if not ON_GPU:
+        return cpu
+    return gpu if gpu is not None else max(100 * cpu, 1e-4)
+
+
+@pytest.fixture(scope="session")
+def compute_device() -> torch.device:
+    return COMPUTE_DEVICE
+
+
 FIXTURES = Path(__file__).parent / "fixtures"
 NEMO_FIXTURES = FIXTURES / "nemo"
 NEMO_FIXTURE_NAMES = ("tiny_gpt_ln_gelu_abs", "tiny_gpt_rms_swiglu_rope_gqa", "tiny_gpt_ln_swiglu_rope50")
@@ -55,8 +82,8 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, param in sorted(model.named_parameters()):
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            param.add_((0.2 if param.dim() == 1 else 0.1) * noise.to(param.dtype))
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32, device="cpu")
+            param.add_((0.2 if param.dim() == 1 else 0.1) * noise.to(param.device, param.dtype))
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +137,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if device_guard.COLLECT:
+        print("\ndevice guard offenders:\n" + "\n".join(sorted(device_guard.collected)))

@@ -81,7 +81,7 @@ class SPINTrainer(IterativeTrainer):
             prompts = [list(self.sft_dataset.prompt_and_answer(i)[0]) for i in chunk]
             seeds = [sample_seed(self.seed, self.iteration, i) for i in chunk]
             output = self.model.generate(prompts, sampling_params, spin.length_params, seeds)
-            logprobs = output.logprobs or [torch.zeros(0)] * len(chunk)
+            logprobs = output.logprobs or [torch.zeros(0, device="cpu")] * len(chunk)
             for i, response, ended, lp in zip(chunk, output.response_ids, output.ended, logprobs):
                 generated[i] = ([int(t) for t in response], bool(ended), float(lp.sum()))
             kill_point("rollout")
@@ -123,14 +123,14 @@ class SPINTrainer(IterativeTrainer):
         dp_size = parallel_state.get_data_parallel_world_size()
         mine = sorted(dataset.generated)[parallel_state.get_data_parallel_rank() :: dp_size]
         if not mine:
-            return gather_reference_logprobs(torch.empty(0), torch.empty(0), torch.empty(0))
+            return gather_reference_logprobs(*(torch.empty(0, device="cpu") for _ in range(3)))
         batch = self.train_dataloader.collate_fn([dataset[i] for i in mine])
-        scored_rejected = torch.tensor([i not in from_generation for i in mine])
+        scored_rejected = torch.tensor([i not in from_generation for i in mine], device="cpu")
         tokens = torch.cat([batch["chosen"], batch["rejected"][scored_rejected]])
         mask = torch.cat([batch["chosen_mask"], batch["rejected_mask"][scored_rejected]])
         sums = self.model.get_sequence_logprob_sums(tokens, mask).float().cpu()  # joins CPU values, then gathered
         kill_point("reference_logprobs")
-        rejected = torch.tensor([from_generation.get(i, 0.0) for i in mine], dtype=torch.float32)
+        rejected = torch.tensor([from_generation.get(i, 0.0) for i in mine], dtype=torch.float32, device="cpu")
         rejected[scored_rejected] = sums[len(mine) :]
         return gather_reference_logprobs(batch["sample_index"], sums[: len(mine)], rejected)
 

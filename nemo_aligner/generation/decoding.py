@@ -42,6 +42,7 @@ from nemo_aligner.generation.fast_decode import FastDecoder, unsupported_reason
 from nemo_aligner.generation.sampling import LengthParams, SamplingParams, choose_tokens, draw_uniforms
 from nemo_aligner.generation.stopping import EndDetector
 from nemo_aligner.utils import cpu_support, mcore_compat
+from nemo_aligner.utils.device import model_device
 from nemo_aligner.utils.distributed import (
     broadcast_from_last_pipeline_stage,
     receive_from_previous_pipeline_stage,
@@ -120,7 +121,8 @@ def generate(
                 f"generate: prompt {i} has {len(prompt)} tokens; it needs 1 to model.encoder_seq_length ({context})"
             )
     budgets = [min(lengths.max_length, context - len(p)) for p in prompts]
-    generators = None if sampling.use_greedy else [torch.Generator().manual_seed(int(s)) for s in seeds]
+    # CPU generators on every device: a seed draws the same uniforms on a CPU and on a GPU (sampling.draw_uniforms).
+    generators = None if sampling.use_greedy else [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     end = EndDetector(tokenizer, sampling.end_strings)
     decoder = _BatchDecoder(model, sampling, lengths.min_length, end, prompts, budgets, generators)
     fast = fast_decode and unsupported_reason(model.model, model.autocast_dtype) is None
@@ -139,11 +141,15 @@ def generate(
         response_lengths=[len(r.tokens) for r in responses],
         ended=[r.ended for r in responses],
         logprobs=(
-            [torch.tensor(r.logprobs, dtype=torch.float32) for r in responses] if sampling.compute_logprob else None
+            [torch.tensor(r.logprobs, dtype=torch.float32, device="cpu") for r in responses]
+            if sampling.compute_logprob
+            else None
         ),
         full_logprobs=(
             [
-                torch.stack(r.full_logprobs) if r.full_logprobs else torch.zeros(0, model.padded_vocab_size)
+                torch.stack(r.full_logprobs)
+                if r.full_logprobs
+                else torch.zeros(0, model.padded_vocab_size, device="cpu")
                 for r in responses
             ]
             if sampling.all_probs
@@ -154,7 +160,7 @@ def generate(
 
 def _model_autocast(model: GenerationModel) -> torch.autocast:
     """The mixed-precision context ``MegatronGPTModel.forward`` runs under."""
-    device_type = next(model.parameters()).device.type
+    device_type = model_device(model).type
     return torch.autocast(device_type, dtype=model.autocast_dtype, enabled=model.autocast_dtype is not None)
 
 
@@ -189,7 +195,7 @@ class _BatchDecoder:
         self.sampling = sampling
         self.min_length = min_length
         self.end = end
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         self.vocab_size = model.padded_vocab_size
         self.tokenizer_vocab_size = model.tokenizer.vocab_size
         self.end_ids = torch.tensor(end.end_ids, dtype=torch.long, device=self.device)

@@ -124,8 +124,12 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 
 def draw_uniforms(generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One float64 uniform in [0, 1) from each sample's generator (one draw per generated position)."""
-    return torch.stack([torch.rand((), dtype=torch.float64, generator=g) for g in generators])
+    """One float64 uniform in [0, 1) from each sample's generator (one draw per generated position).
+
+    On the generators' device (the CPU in :func:`~nemo_aligner.generation.decoding.generate`, so draws do not
+    depend on where the model runs); :func:`sample_from_logits` moves them to the logits.
+    """
+    return torch.stack([torch.rand((), dtype=torch.float64, generator=g, device=g.device) for g in generators])
 
 
 def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

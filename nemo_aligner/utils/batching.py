@@ -34,7 +34,9 @@ def reduce_metric_sums(per_micro_batch: Iterable[Mapping[str, torch.Tensor]], ke
     # torch.cuda.current_device() is the GPU for NCCL, and "cpu" under the CPU support (gloo).
     totals = torch.zeros(len(keys), dtype=torch.float64, device=torch.cuda.current_device())
     for metrics in per_micro_batch:
-        totals += torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).sum().to(totals.device) for k in keys])
+        totals += torch.stack(
+            [torch.as_tensor(metrics[k], dtype=torch.float64, device=totals.device).sum() for k in keys]
+        )
     if dist.is_initialized():
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:

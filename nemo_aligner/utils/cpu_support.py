@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from typing import Any
 
@@ -130,21 +131,36 @@ def device_rewrites_suspended():
         yield
 
 
+# NEMO_ALIGNER_DEVICE=cpu makes a process compute on the CPU even where CUDA exists: the multi-process tests set it
+# when a machine has fewer GPUs than ranks (they then run over gloo, as on a machine without GPUs).
+DEVICE_ENV = "NEMO_ALIGNER_DEVICE"
+
+
+def uses_cuda() -> bool:
+    """Whether this process computes on CUDA: a GPU is present and ``NEMO_ALIGNER_DEVICE`` is not ``cpu``."""
+    return torch.cuda.is_available() and os.environ.get(DEVICE_ENV, "").lower() != "cpu"
+
+
 def process_group_backend() -> str:
-    """torch.distributed backend for this machine: NCCL with CUDA, gloo on the CPU."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """torch.distributed backend for this process: NCCL on CUDA (``trainer.devices=8``, torchrun, srun), else gloo."""
+    return "nccl" if uses_cuda() else "gloo"
 
 
 def bind_local_device(local_rank: int) -> None:
-    """Give this process its own GPU (one rank per GPU); nothing to do on the CPU."""
-    if torch.cuda.is_available():
+    """Give this process its own GPU (one rank per GPU, ``LOCAL_RANK``); nothing to do on the CPU."""
+    if uses_cuda():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU of its own ({torch.cuda.device_count()} visible): start one "
+                f"process per GPU, or set {DEVICE_ENV}=cpu to run every rank on the CPU over gloo"
+            )
         torch.cuda.set_device(local_rank)
 
 
 def apply_cpu_support() -> bool:
-    """Make megatron-core usable on the CPU. Returns True if patches were applied (no CUDA), else False."""
+    """Make megatron-core usable on the CPU. Returns True if patches were applied (CPU compute), else False."""
     global _applied
-    if torch.cuda.is_available():
+    if uses_cuda():
         return False
     with _lock:
         if _applied:

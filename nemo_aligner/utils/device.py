@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from nemo_aligner.utils.cpu_support import uses_cuda
+
 
 def current_device() -> torch.device:
-    """The accelerator this process computes on: its CUDA device, or the CPU on a machine without CUDA."""
-    if torch.cuda.is_available():
+    """The accelerator this process computes on: its CUDA device, else the CPU (no CUDA, or NEMO_ALIGNER_DEVICE=cpu)."""
+    if uses_cuda():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

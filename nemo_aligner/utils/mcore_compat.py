@@ -48,10 +48,10 @@ def te_layer_spec():
 _write_results_queue = None
 
 
-def _in_process_write_results_queue():
+def _in_process_write_results_queue(*_args, **_kwargs):
     """An in-process queue for megatron's synchronous checkpoint writer.
 
-    megatron-core 0.16 creates this queue through a ``spawn``-started ``multiprocessing.Manager``, which costs
+    megatron-core creates this queue through a ``spawn``-started ``multiprocessing.Manager``, which costs
     several seconds per process (the child re-imports torch) and re-runs an unguarded ``__main__``. Our saves
     are synchronous: the writer's results are put and read by this process only (its forked workers report
     through their own queue), so a plain thread-safe queue, whose ``put`` is immediately visible, is enough.
@@ -62,15 +62,27 @@ def _in_process_write_results_queue():
     return _write_results_queue
 
 
+def _write_results_queue_name() -> str:
+    """The queue factory's name: ``_get_write_results_queue()`` up to 0.16, ``get_write_results_queue(mp_mode)``
+    from 0.17 on (read in the 0.19.2 source)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    return (
+        "get_write_results_queue"
+        if hasattr(filesystem_async, "get_write_results_queue")
+        else "_get_write_results_queue"
+    )
+
+
 def _patch_checkpoint_writer() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    filesystem_async._get_write_results_queue = _in_process_write_results_queue
+    setattr(filesystem_async, _write_results_queue_name(), _in_process_write_results_queue)
 
 
-# megatron private names replaced here; tests/utils/test_mcore_compat.py checks they still exist.
+# megatron private names replaced here; tests/utils/test_cpu_support.py checks they still exist.
 PATCHED_NAMES: tuple[tuple[str, str], ...] = (
-    ("megatron.core.dist_checkpointing.strategies.filesystem_async", "_get_write_results_queue"),
+    ("megatron.core.dist_checkpointing.strategies.filesystem_async", _write_results_queue_name()),
 )
 _patch_checkpoint_writer()
 

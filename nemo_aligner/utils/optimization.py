@@ -2,7 +2,10 @@
 
 ``model.optim.name``: ``adam``/``adamw``/``fused_adam`` (megatron's Adam with decoupled weight decay) or
 ``distributed_fused_adam`` (the same, sharded across data-parallel ranks: megatron's distributed optimizer; only
-with Apex or TransformerEngine, see ``uses_distributed_optimizer``).
+with Apex or TransformerEngine, see ``uses_distributed_optimizer``). Under ``bf16``/``16`` precision megatron keeps
+fp32 master weights (and fp32 gradients for the update) whether the model's weights are bf16 (``megatron_amp_O2``)
+or fp32. Without Apex or TransformerEngine megatron-core steps with torch's AdamW.
+Overlap and bucket keys: :func:`ddp_config_for`.
 ``model.optim.sched``: ``CosineAnnealing`` (warmup, cosine decay to ``min_lr``, then ``constant_steps`` at
 ``min_lr``, as NeMo defines it), ``Constant``/``null``.
 """
@@ -53,11 +56,40 @@ def _warn_once(message: str) -> None:
 
 
 def ddp_config_for(optim_cfg: Mapping[str, Any]) -> DistributedDataParallelConfig:
-    """megatron DDP settings: fp32 gradient reduction; sharded optimizer state with the distributed optimizer."""
+    """megatron DDP settings from NeMo's ``model.optim`` keys (fp32 gradient reduction always).
+
+    * ``overlap_grad_sync``: reduce each gradient bucket while the backward pass goes on (``overlap_grad_reduce``).
+    * ``overlap_param_sync``: gather the updated parameter shards during the next forward pass
+      (``overlap_param_gather``); it only exists with the distributed optimizer, so it is refused by name otherwise.
+    * ``bucket_cap_mb``: the size of a gradient bucket in MB of fp32 gradients (megatron's ``bucket_size`` counts
+      elements: ``MB * 2**20 / 4``); megatron's default without it.
+    * ``contiguous_grad_buffer``: megatron-core's DDP always keeps gradients in contiguous buffers, so ``true`` (or
+      unset) is what runs and ``false`` is refused by name.
+    """
+    distributed = uses_distributed_optimizer(optim_cfg)
+    if optim_cfg.get("contiguous_grad_buffer", True) is False:
+        raise ValueError(
+            "model.optim.contiguous_grad_buffer=false is not supported: megatron-core's DDP always keeps gradients "
+            "in contiguous buffers; remove the key or set it to true"
+        )
+    overlap_param = bool(optim_cfg.get("overlap_param_sync", False))
+    if overlap_param and optim_cfg.get("name", "adam") not in DISTRIBUTED_NAMES:
+        raise ValueError(
+            "model.optim.overlap_param_sync=true needs the distributed optimizer: set model.optim.name="
+            f"distributed_fused_adam, or overlap_param_sync=false (model.optim.name={optim_cfg.get('name')!r})"
+        )
+    if overlap_param and not distributed:
+        _warn_once("model.optim.overlap_param_sync: off, the non-distributed Adam has no parameter gather to overlap")
+        overlap_param = False
+    bucket_cap_mb = optim_cfg.get("bucket_cap_mb")
+    if bucket_cap_mb is not None and not float(bucket_cap_mb) > 0:
+        raise ValueError(f"model.optim.bucket_cap_mb must be > 0 (MB of fp32 gradients), got {bucket_cap_mb!r}")
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=uses_distributed_optimizer(optim_cfg),
+        overlap_grad_reduce=bool(optim_cfg.get("overlap_grad_sync", False)),
+        overlap_param_gather=overlap_param,
+        use_distributed_optimizer=distributed,
+        bucket_size=None if bucket_cap_mb is None else int(float(bucket_cap_mb) * 2**20 / 4),
     )
 
 

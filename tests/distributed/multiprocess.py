@@ -45,6 +45,8 @@ def run_distributed(target: str, nprocs: int, out_dir: Path, timeout: float = 30
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
         }
+        if torch.cuda.device_count() < nprocs:
+            env["NEMO_ALIGNER_DEVICE"] = "cpu"  # fewer GPUs than ranks: every rank on the CPU over gloo
         cmd = [sys.executable, "-m", "tests.distributed.worker", target, json.dumps(kwargs), str(out_dir)]
         procs.append(
             subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

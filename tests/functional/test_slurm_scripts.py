@@ -53,7 +53,7 @@ def run_sbatch_script(name: str, tmp_path: Path, **env: str) -> list[str]:
         "SLURM_JOB_NUM_NODES": str(NODES),
         "SLURM_JOB_ID": "1234",
         "SLURM_SUBMIT_DIR": str(REPO),
-        "CONTAINER": "nvcr.io/nvidia/nemo:24.07",
+        "CONTAINER": "/lustre/me/nemo_aligner.sqsh",
         "PRETRAINED_CHECKPOINT_NEMO_FILE": str(NEMO_FIXTURES / "tiny_gpt_rms_swiglu_rope_gqa.nemo"),
         "TRAIN_DATA_PATH": str(EMBEDDED / train),
         "VALID_DATA_PATH": str(EMBEDDED / valid),
@@ -82,7 +82,7 @@ def test_srun_command_composes_with_the_config(name, tmp_path):
     results = tmp_path / "results"
     assert results.is_dir()
     assert argv[:4] == ["-o", f"{results}/{name}-%j_%t.out", "-e", f"{results}/{name}-%j_%t.err"]
-    assert argv[4] == "--container-image=nvcr.io/nvidia/nemo:24.07"
+    assert argv[4] == "--container-image=/lustre/me/nemo_aligner.sqsh"
     mounts = argv[5].removeprefix("--container-mounts=").split(",")
     for path in (REPO, EMBEDDED / train, EMBEDDED / valid, results):
         assert f"{path}:{path}" in mounts

@@ -75,7 +75,7 @@ def test_greedy_equals_full_forward_argmax_and_logprobs_match(architecture, mode
         assert out.ended[i] == (out.response_ids[i][-1] == model.tokenizer.eos_id)
         # Log-probs of the response under the model, from one full forward of the whole sequence.
         with torch.no_grad():
-            full = model(torch.tensor([out.token_ids[i]]))[0, len(prompt) - 1 : -1].double().log_softmax(-1)
+            full = model(torch.tensor([out.token_ids[i]]))[0, len(prompt) - 1 : -1].double().log_softmax(-1).cpu()
         response = torch.tensor(out.response_ids[i])
         assert out.logprobs[i].dtype == torch.float32
         assert (out.logprobs[i] - full.gather(1, response[:, None])[:, 0]).abs().max() < 1e-5

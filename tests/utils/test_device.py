@@ -25,3 +25,16 @@ def test_to_device_moves_every_nested_tensor_and_keeps_the_structure():
     assert isinstance(moved["pair"], Pair) and moved["pair"].a.device.type == "meta" and moved["pair"].b == 3
     same = torch.ones(1)
     assert to_device(same, "cpu") is same
+
+
+def test_cuda_is_used_when_present_unless_the_process_is_told_to_compute_on_the_cpu(monkeypatch):
+    from nemo_aligner.utils import cpu_support
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(cpu_support.DEVICE_ENV, raising=False)
+    assert cpu_support.uses_cuda() and cpu_support.process_group_backend() == "nccl"
+    monkeypatch.setenv(cpu_support.DEVICE_ENV, "cpu")  # what the multi-process tests set with fewer GPUs than ranks
+    assert not cpu_support.uses_cuda() and cpu_support.process_group_backend() == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(cpu_support.DEVICE_ENV)
+    assert not cpu_support.uses_cuda() and cpu_support.process_group_backend() == "gloo"

@@ -239,7 +239,9 @@ class AdapterSettings:
         target (so every TP/PP layout starts from the same adapters), then sliced to this rank."""
         path, base_class = LORA_TARGETS[self.target]
         target_index = list(LORA_TARGETS).index(self.target)
-        generator = torch.Generator().manual_seed(self.seed + len(LORA_TARGETS) * self.layer_index + target_index)
+        generator = torch.Generator(device="cpu").manual_seed(
+            self.seed + len(LORA_TARGETS) * self.layer_index + target_index
+        )
         init_a = _init_method(self.init_a, "column_init_method")
         init_b = _init_method(self.init_b, "row_init_method")
         lora_a, lora_b = _initial_adapter_weights(linear, self.rank, init_a, init_b, generator, self.swiglu)
@@ -463,8 +465,8 @@ def _initial_adapter_weights(
     swiglu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's slices of ``A`` ``[r, in]`` and ``B`` ``[out, r]``, drawn whole so every TP layout agrees."""
-    full_a = init_a(torch.empty(rank, linear.input_size), generator)
-    full_b = init_b(torch.empty(linear.output_size, rank), generator)
+    full_a = init_a(torch.empty(rank, linear.input_size, device="cpu"), generator)
+    full_b = init_b(torch.empty(linear.output_size, rank, device="cpu"), generator)
     tp_size = torch.distributed.get_world_size(linear.tp_group)
     tp_rank = torch.distributed.get_rank(linear.tp_group)
     if isinstance(linear, RowParallelLinear):

@@ -8,6 +8,8 @@ algorithm needs: forward, per-token log-probs, state-dict helpers, distributed (
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import re
 import shutil
@@ -31,7 +33,7 @@ from nemo_aligner.models.nlp.gpt.model_config import layer_spec, transformer_con
 from nemo_aligner.tokenizers import Tokenizer, build_tokenizer
 from nemo_aligner.utils import mcore_compat
 from nemo_aligner.utils.config import model_seed
-from nemo_aligner.utils.device import model_device, to_device
+from nemo_aligner.utils.device import current_device, model_device, to_device
 from nemo_aligner.utils.distributed import initialize_distributed, is_global_rank_zero, seed_everything
 from nemo_aligner.utils.kill_points import kill_point
 from nemo_aligner.utils.logprobs import shifted_logprobs
@@ -41,6 +43,18 @@ from nemo_aligner.utils.optimization import build_lr_scheduler, build_optimizer,
 ForwardStep = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Callable]]
 
 logger = logging.getLogger(__name__)
+
+# True while restore_from builds a model whose weights a checkpoint is about to overwrite.
+_building_for_restore = contextvars.ContextVar("building_for_restore", default=False)
+
+
+@contextlib.contextmanager
+def _weights_come_from_a_checkpoint():
+    token = _building_for_restore.set(True)
+    try:
+        yield
+    finally:
+        _building_for_restore.reset(token)
 
 
 def causal_attention_mask(seq_length: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -89,8 +103,13 @@ class MegatronGPTModel(LightningModule):
             cfg.get("make_vocab_size_divisible_by", 128) or 128,
             parallel_state.get_tensor_model_parallel_world_size(),
         )
-        self.transformer_config = transformer_config_from_model_cfg(cfg)
-        # Same initial weights on every TP layout (use_cpu_initialization), from the configured seed.
+        # Where the weights are made (docs/megatron_cpu.md, "Devices"): a fresh model draws its initial weights on
+        # the CPU (the same weights for every TP layout and device, from the configured seed) and then moves its
+        # shard to the device; a model restored from a checkpoint allocates its shard directly on the device
+        # (megatron's own initialisation, soon overwritten): no host copy of the weights before the load.
+        self.transformer_config = transformer_config_from_model_cfg(
+            cfg, cpu_initialization=not _building_for_restore.get()
+        )
         seed_everything(self.seed)
         config = self.transformer_config
         self.model = mcore_compat.GPTModel(
@@ -113,6 +132,9 @@ class MegatronGPTModel(LightningModule):
         )
         if lora_adapters(self):
             freeze_base_weights(self.model)
+        # Parameters and buffers (RoPE frequencies, learned positions) on this rank's accelerator; a no-op on the
+        # CPU and for what megatron already allocated there.
+        self.model.to(current_device())
         # bf16/fp16 mixed precision without O2 keeps fp32 weights and computes under autocast.
         self.autocast_dtype = (
             None
@@ -152,11 +174,13 @@ class MegatronGPTModel(LightningModule):
                 "MegatronGPTModel.forward/get_logprobs need the whole model in one process; with "
                 "model.pipeline_model_parallel_size > 1 use forward_backward (training, log-probs) or generate"
             )
+        device = model_device(self.model)
+        input_ids, position_ids, attention_mask = to_device((input_ids, position_ids, attention_mask), device)
         if position_ids is None:
             position_ids = default_position_ids(input_ids)
         if attention_mask is None:
-            attention_mask = causal_attention_mask(input_ids.shape[1], input_ids.device)
-        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            attention_mask = causal_attention_mask(input_ids.shape[1], device)
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
 
     def get_logprobs(
@@ -165,8 +189,12 @@ class MegatronGPTModel(LightningModule):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-token log-probs ``[B, S-1]``: entry t is ``log p(input_ids[:, t+1] | input_ids[:, :t+1])``."""
-        return shifted_logprobs(self(input_ids, position_ids, attention_mask), input_ids)
+        """Per-token log-probs ``[B, S-1]``: entry t is ``log p(input_ids[:, t+1] | input_ids[:, :t+1])``.
+
+        Computed on the model's device (inputs are moved there), like :meth:`forward`.
+        """
+        logits = self(input_ids, position_ids, attention_mask)
+        return shifted_logprobs(logits, input_ids.to(logits.device))
 
     def generate(
         self,
@@ -218,11 +246,13 @@ class MegatronGPTModel(LightningModule):
         """
         data_iterator = iter(microbatches)
 
-        def step_func(iterator, model):
-            return forward_step(model, next(iterator))
+        device = model_device(self.model)
 
-        device_type = next(self.model.parameters()).device.type
-        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        def step_func(iterator, model):
+            # Micro batches come from the CPU data loader: every tensor in them goes to the model's device here.
+            return forward_step(model, to_device(next(iterator), device))
+
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return get_forward_backward_func()(
                 forward_step_func=step_func,
                 data_iterator=data_iterator,
@@ -363,7 +393,8 @@ class MegatronGPTModel(LightningModule):
             layout = nemo_file.detect_weights_layout(unpacked)
             if layout == "torch_dist":
                 cfg = _with_stored_vocab_size(cfg, unpacked / nemo_file.MODEL_WEIGHTS_DIR)
-            model = cls(cfg, trainer=trainer, **model_kwargs)
+            with _weights_come_from_a_checkpoint():
+                model = cls(cfg, trainer=trainer, **model_kwargs)
             model._artifact_dir = artifact_dir
             weakref.finalize(model, shutil.rmtree, artifact_dir, True)
             model._load_weights_from_unpacked(unpacked, layout, strict, source=restore_path)

@@ -34,6 +34,8 @@ ACTIVATIONS = {
 }
 NORMALIZATIONS = {"layernorm": ("LayerNorm", False), "layernorm1p": ("LayerNorm", True), "rmsnorm": ("RMSNorm", False)}
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+CHECKPOINT_GRANULARITIES = (None, "selective", "full")
+CHECKPOINT_METHODS = ("uniform", "block")
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -53,8 +55,13 @@ def params_dtype(cfg: Mapping[str, Any]) -> torch.dtype:
     return torch.float32
 
 
-def transformer_config_from_model_cfg(cfg: Mapping[str, Any]) -> TransformerConfig:
-    """Build megatron-core's ``TransformerConfig`` from a NeMo model config."""
+def transformer_config_from_model_cfg(cfg: Mapping[str, Any], cpu_initialization: bool = True) -> TransformerConfig:
+    """Build megatron-core's ``TransformerConfig`` from a NeMo model config.
+
+    ``cpu_initialization``: draw the initial weights on the CPU, the same for every tensor-parallel layout (a fresh
+    model); ``False`` allocates and initialises each rank's shard directly on its device (megatron's default), for a
+    model whose weights are about to be overwritten by a checkpoint. See ``MegatronGPTModel`` for where it ends up.
+    """
     activation = _get(cfg, "activation", "gelu")
     if activation not in ACTIVATIONS:
         raise ValueError(f"model.activation={activation!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
@@ -107,11 +114,51 @@ def transformer_config_from_model_cfg(cfg: Mapping[str, Any]) -> TransformerConf
         bf16=precision.startswith("bf16"),
         fp16=precision.startswith("16"),
         autocast_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
-        use_cpu_initialization=True,
+        use_cpu_initialization=cpu_initialization,
         attention_backend=AttnBackend.auto if _use_te(cfg) else AttnBackend.local,
         batch_p2p_comm=_get(cfg, "batch_p2p_comm", True),
         deallocate_pipeline_outputs=False,
+        **activation_recompute(cfg),
     )
+
+
+def activation_recompute(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """NeMo's activation-checkpointing keys as megatron-core's ``recompute_*`` settings.
+
+    ``activations_checkpoint_granularity``: ``null`` (store every activation), ``selective`` (recompute the core
+    attention, megatron's ``recompute_modules=["core_attn"]``) or ``full`` (store only each group's input and rerun
+    its layers in the backward pass); with ``full``, ``activations_checkpoint_method`` (``uniform``: groups of
+    ``_num_layers`` layers; ``block``: the first ``_num_layers`` layers of each pipeline stage) and
+    ``activations_checkpoint_num_layers`` are required. Method and layer count are ignored without a granularity,
+    as in NeMo. The loss and gradients are those of a run without recompute (``tests/models/test_recompute.py``).
+    """
+    granularity = cfg.get("activations_checkpoint_granularity")
+    if granularity not in CHECKPOINT_GRANULARITIES:
+        raise ValueError(
+            f"model.activations_checkpoint_granularity={granularity!r} is not supported; choose one of "
+            f"{CHECKPOINT_GRANULARITIES}"
+        )
+    if granularity is None:
+        return {}
+    method, num_layers = cfg.get("activations_checkpoint_method"), cfg.get("activations_checkpoint_num_layers")
+    if granularity == "selective":
+        if num_layers is not None:
+            raise ValueError(
+                "model.activations_checkpoint_num_layers must be null with activations_checkpoint_granularity="
+                f"selective (megatron-core recomputes the core attention of every layer), got {num_layers}"
+            )
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    if method not in CHECKPOINT_METHODS:
+        raise ValueError(
+            f"model.activations_checkpoint_method={method!r}: with activations_checkpoint_granularity=full choose "
+            f"one of {CHECKPOINT_METHODS}"
+        )
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(
+            f"model.activations_checkpoint_num_layers={num_layers!r}: with activations_checkpoint_granularity=full "
+            "give a number of layers >= 1"
+        )
+    return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
 
 
 def _use_te(cfg: Mapping[str, Any]) -> bool:

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from nemo_aligner.utils.device import current_device
+
 
 class Norm(torch.nn.Module):
     """LayerNorm or RMSNorm as selected by ``config.normalization``.
@@ -28,8 +30,14 @@ class Norm(torch.nn.Module):
         self.hidden_size = hidden_size
         self.eps = eps
         init = torch.zeros if self.zero_centered_gamma else torch.ones
-        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
-        self.bias = None if self.is_rmsnorm else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        # Where megatron allocates the layer's other weights (model_config.transformer_config_from_model_cfg).
+        device = "cpu" if config.use_cpu_initialization else current_device()
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype, device=device))
+        self.bias = (
+            None
+            if self.is_rmsnorm
+            else torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype, device=device))
+        )
         # Under sequence parallelism each rank sees a slice of the sequence, so the norm's gradients
         # are partial sums that megatron's DDP all-reduces across the tensor-parallel group.
         for param in self.parameters():

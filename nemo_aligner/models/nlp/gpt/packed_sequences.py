@@ -72,9 +72,11 @@ def pack_sequences(tokens: torch.Tensor, mask: torch.Tensor, multiple_of: int | 
     total = int(lengths.sum())
     padding = -total % multiple_of if multiple_of else 0
     if padding:
-        lengths = torch.cat([lengths, torch.tensor([padding])])
+        lengths = torch.cat([lengths, torch.tensor([padding], device=lengths.device)])
         pieces.append((tokens.new_zeros(padding), mask.new_zeros(padding)))
-    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)]).to(device)
+    cu_seqlens = torch.cat(
+        [torch.zeros(1, dtype=torch.int32, device=lengths.device), lengths.cumsum(0).to(torch.int32)]
+    ).to(device)
     longest = int(lengths.max())
     params = PackedSeqParams(
         qkv_format="thd",
@@ -85,9 +87,9 @@ def pack_sequences(tokens: torch.Tensor, mask: torch.Tensor, multiple_of: int | 
     )
     return PackedSequences(
         tokens=torch.cat([piece for piece, _ in pieces])[None].to(device),
-        position_ids=torch.cat([torch.arange(n) for n in lengths.tolist()])[None].to(device),
+        position_ids=torch.cat([torch.arange(n, device=device) for n in lengths.tolist()])[None],
         params=params,
-        segments=torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(device),
+        segments=torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths).to(device),
         scored=torch.cat([scored for _, scored in pieces]).to(device=device, dtype=torch.float32),
         count=tokens.shape[0],
     )

@@ -100,10 +100,15 @@ def pack_pairs(micro_batch: Mapping[str, torch.Tensor], multiple_of: int | None 
         rows.append(
             (
                 torch.cat([chosen[b, :ce], rejected[b, s:re_]]),
-                torch.cat([torch.arange(ce), torch.arange(s, re_)]),
-                torch.cat([torch.full((s,), SHARED), torch.full((ce - s,), CHOSEN), torch.full((re_ - s,), REJECTED)]),
-                torch.cat([chosen_mask[b, :ce], torch.zeros(re_ - s, dtype=chosen_mask.dtype)]),
-                torch.cat([torch.zeros(ce, dtype=rejected_mask.dtype), rejected_mask[b, s:re_]]),
+                torch.cat([torch.arange(ce, device="cpu"), torch.arange(s, re_, device="cpu")]),
+                torch.cat(
+                    [
+                        torch.full((n,), kind, device="cpu")
+                        for n, kind in ((s, SHARED), (ce - s, CHOSEN), (re_ - s, REJECTED))
+                    ]
+                ),
+                torch.cat([chosen_mask[b, :ce], torch.zeros(re_ - s, dtype=chosen_mask.dtype, device="cpu")]),
+                torch.cat([torch.zeros(ce, dtype=rejected_mask.dtype, device="cpu"), rejected_mask[b, s:re_]]),
             )
         )
     width = max(len(row[0]) for row in rows)
@@ -113,7 +118,7 @@ def pack_pairs(micro_batch: Mapping[str, torch.Tensor], multiple_of: int | None 
         torch.stack([_right_pad(row[i], width, pad) for row in rows])
         for i, pad in ((0, None), (1, None), (2, PADDING), (3, 0), (4, 0))
     )
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    causal = torch.ones(width, width, dtype=torch.bool, device="cpu").tril()
     query, key = segments[:, :, None], segments[:, None, :]
     allowed = causal & ((key == SHARED) | (key == query) | (query == PADDING))
     return PackedPairs(

@@ -125,7 +125,7 @@ def compute_reference_logprobs(model, batches: Iterable[Mapping[str, Any]]) -> R
         rejected.append(r[keep.to(r.device)].float())
         kill_point("reference_logprobs")
     if not indices:
-        return gather_reference_logprobs(torch.empty(0), torch.empty(0), torch.empty(0))
+        return gather_reference_logprobs(*(torch.empty(0, device="cpu") for _ in range(3)))
     return gather_reference_logprobs(torch.cat(indices), torch.cat(chosen), torch.cat(rejected))
 
 
