@@ -126,6 +126,12 @@ class _GuardedGenerator(_REAL_GENERATOR, metaclass=_GeneratorMeta):
 
 def install() -> None:
     """Guard the factories and ``torch.Generator`` (idempotent)."""
+    # ``with torch.device(...)`` (used by transformers' from_pretrained) recognises factories by identity in a
+    # cached set: fill that cache with the real functions first, or tensors made inside such a block would ignore
+    # its device (seen: a Llama's RoPE buffer left uninitialised by from_pretrained).
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in FACTORIES:
         factory = getattr(torch, name)
         if not hasattr(factory, "__wrapped_factory__"):

@@ -36,7 +36,10 @@ PLACEHOLDER_OPTIM = {"name": "adamw", "lr": 1e-4}
 def config_for_nemo(model_cfg: DictConfig | dict, tokenizer: Tokenizer) -> tuple[DictConfig, dict[str, str]]:
     """The config to store in a `.nemo` for a model with this config and tokenizer, and the tokenizer files that
     travel with it (dotted config key -> local file, as `nemo_file.save_nemo` takes them)."""
-    cfg: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(model_cfg), resolve=True)
+    # A DictConfig is resolved where it sits: `model.precision: ${trainer.precision}` needs its parent config.
+    if not isinstance(model_cfg, DictConfig):
+        model_cfg = OmegaConf.create(model_cfg)
+    cfg: dict[str, Any] = OmegaConf.to_container(model_cfg, resolve=True)
     cfg["mcore_gpt"] = True
     if not cfg.get("optim"):
         cfg["optim"] = dict(PLACEHOLDER_OPTIM)
