@@ -22,6 +22,29 @@ TRAINED_KINDS = (RESPONSE, META, SFT)
 """Slots that train; bad samples and bad ends are masked (kept in the batch, counted)."""
 
 
+def pair_item(
+    index: int,
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    chosen_reward: float,
+    rejected_reward: float,
+    valid: bool,
+) -> dict[str, Any]:
+    """One (prompt + chosen, prompt + rejected) item as ``DPOCollate`` takes it."""
+    return {
+        "chosen_ids": torch.tensor(prompt + chosen),
+        "rejected_ids": torch.tensor(prompt + rejected),
+        "prompt_length": len(prompt),
+        "chosen_length": len(prompt) + len(chosen),
+        "rejected_length": len(prompt) + len(rejected),
+        "chosen_reward": chosen_reward,
+        "rejected_reward": rejected_reward,
+        "sample_index": index,
+        "valid": valid,
+    }
+
+
 class SPINPairsDataset(Dataset):
     """Pairs (prompt + actual, prompt + generated) of one iteration, indexed like the SFT dataset.
 
@@ -42,18 +65,7 @@ class SPINPairsDataset(Dataset):
             return filler_pair_item(self.pad_id)
         prompt, actual = self.sft_dataset.prompt_and_answer(index % len(self.sft_dataset))
         generated, valid = self.generated.get(index, (list(actual), False))
-        prompt, actual = list(prompt), list(actual)
-        return {
-            "chosen_ids": torch.tensor(prompt + actual),
-            "rejected_ids": torch.tensor(prompt + list(generated)),
-            "prompt_length": len(prompt),
-            "chosen_length": len(prompt) + len(actual),
-            "rejected_length": len(prompt) + len(generated),
-            "chosen_reward": 1.0,
-            "rejected_reward": 0.0,
-            "sample_index": index,
-            "valid": valid,
-        }
+        return pair_item(index, list(prompt), list(actual), list(generated), 1.0, 0.0, valid)
 
 
 class SPINBatchSampler(GlobalBatchSampler):
@@ -86,17 +98,8 @@ class SelfRewardingPairsDataset(torch.utils.data.Dataset):
         slot = self.generated[index]
         prompt = slot["prompt"]
         chosen, rejected = slot["chosen"] or [self.pad_id], slot["rejected"] or [self.pad_id]
-        return {
-            "chosen_ids": torch.tensor(prompt + chosen),
-            "rejected_ids": torch.tensor(prompt + rejected),
-            "prompt_length": len(prompt),
-            "chosen_length": len(prompt) + len(chosen),
-            "rejected_length": len(prompt) + len(rejected),
-            "chosen_reward": slot["chosen_reward"],
-            "rejected_reward": slot["rejected_reward"],
-            "sample_index": index,
-            "valid": slot["kind"] in TRAINED_KINDS,
-        }
+        valid = slot["kind"] in TRAINED_KINDS
+        return pair_item(index, prompt, chosen, rejected, slot["chosen_reward"], slot["rejected_reward"], valid)
 
 
 def pairs_loader_over_prompts(prompts_loader: DataLoader, pairs_cls=SPINPairsDataset) -> DataLoader:
