@@ -7,6 +7,7 @@ greedily until an end string (``<extra_id_1>`` by default) or ``max_new_tokens``
 are decoded, their end-of-turn (a trailing end string and the EOS token) removed, and compared with the embedded
 data's :func:`~nemo_aligner.data.embedded.exact_match` (equal after stripping whitespace).
 
+    initialize_distributed()  # megatron-core's parallel state, one process (a run's launcher sets it up)
     model = MegatronGPTModel.restore_from("sft.nemo")
     exact_match_accuracy(model, "chat_test.jsonl", cfg.model.data)
     # {"accuracy": 0.46, "num_samples": 300, "per_task": {"add": {"accuracy": 0.2, "num_samples": 43}, ...}}

@@ -21,7 +21,7 @@ from lightning.pytorch import Trainer
 from megatron.core import parallel_state
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nemo_aligner.utils.config import model_seed, register_resolvers
+from nemo_aligner.utils.config import register_resolvers
 from nemo_aligner.utils.config_validation import (
     ConfigChecker,
     check_checkpoint_architecture,
@@ -31,7 +31,7 @@ from nemo_aligner.utils.config_validation import (
     check_optimizer,
     check_resume_checkpoint,
 )
-from nemo_aligner.utils.distributed import RankInfo, initialize_distributed
+from nemo_aligner.utils.distributed import RankInfo, set_model_parallel_from_config, start_process_group
 from nemo_aligner.utils.exp_manager import CheckpointCallback, CustomLoggerWrapper, Experiment, RunTimer, exp_manager
 from nemo_aligner.utils.utils import build_tokenizer_for, load_checkpoint_model_config, merge_over_checkpoint_config
 
@@ -81,17 +81,19 @@ def resolve_and_create_trainer(cfg: DictConfig, pop_trainer_key: str) -> Trainer
 
 
 def _launch_and_initialize(trainer: Trainer) -> None:
-    """Start sibling processes if Lightning must (devices=N, no external launcher), then torch.distributed."""
+    """Start sibling processes if Lightning must (devices=N, no external launcher), then torch.distributed.
+
+    megatron-core's parallel groups come later, from the checked model config (:func:`data_parallel_layout`)."""
     strategy = trainer.strategy
     launcher = getattr(strategy, "launcher", None)
     environment = getattr(strategy, "cluster_environment", None)
     if launcher is not None and environment is not None and not environment.creates_processes_externally:
         launcher.launch(lambda: None)
     if environment is None:
-        initialize_distributed()
+        start_process_group()
         return
     strategy.set_world_ranks()
-    initialize_distributed(
+    start_process_group(
         rank_info=RankInfo(
             rank=environment.global_rank(),
             world_size=environment.world_size(),
@@ -100,15 +102,6 @@ def _launch_and_initialize(trainer: Trainer) -> None:
             master_port=environment.main_port,
             source=type(environment).__name__,
         )
-    )
-
-
-def set_model_parallel_from_config(model_cfg: DictConfig) -> None:
-    """Set up TP/PP groups for a model config before anything else needs them (e.g. data sharding)."""
-    initialize_distributed(
-        tensor_model_parallel_size=model_cfg.get("tensor_model_parallel_size", 1) or 1,
-        pipeline_model_parallel_size=model_cfg.get("pipeline_model_parallel_size", 1) or 1,
-        seed=model_seed(model_cfg),
     )
 
 

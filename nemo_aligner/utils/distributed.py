@@ -1,6 +1,8 @@
 """Process-group and model-parallel set-up shared by every entry point.
 
-One function, :func:`initialize_distributed`, covers the four ways a job starts:
+The launcher (``nemo_aligner.recipes.common``, a standalone tool, a test fixture) initialises megatron-core's
+parallel state before any model is built, as megatron-core expects; a model's constructor only checks that it was
+(:func:`require_model_parallel`). :func:`start_process_group` covers the four ways a job starts:
 a plain ``python`` process (world size 1, no launcher), ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``),
 Lightning's launcher for ``trainer.devices=N`` (it exports the same variables), and Slurm ``srun``
 (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``). The backend is NCCL when CUDA is available, else gloo.
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nemo_aligner.utils.config import NEMO_DEFAULT_SEED, model_seed
 from nemo_aligner.utils.cpu_support import apply_cpu_support, bind_local_device, process_group_backend
 from nemo_aligner.utils.timers import RunTimer
 
@@ -104,15 +107,26 @@ def _free_port() -> int:
 def initialize_distributed(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
-    seed: int = 1234,
+    seed: int = NEMO_DEFAULT_SEED,
     timeout_minutes: int = 30,
     rank_info: RankInfo | None = None,
 ) -> RankInfo:
-    """Start torch.distributed and megatron-core's ``parallel_state`` for this process.
+    """Start torch.distributed and megatron-core's ``parallel_state`` for this process (a one-process tool or
+    test: TP 1, PP 1 by default; a run's sizes and seed come from its model config).
 
     Safe to call again: an existing process group is reused, and model parallelism is re-initialised only
-    when the requested TP/PP sizes differ from the current ones. ``rank_info`` comes from the launcher (Lightning's
-    cluster environment); by default it is read from the environment variables.
+    when the requested TP/PP sizes differ from the current ones.
+    """
+    info = start_process_group(timeout_minutes, rank_info)
+    initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size, seed)
+    return info
+
+
+def start_process_group(timeout_minutes: int = 30, rank_info: RankInfo | None = None) -> RankInfo:
+    """Start torch.distributed for this process (reused when already started); no model-parallel groups yet.
+
+    ``rank_info`` comes from the launcher (Lightning's cluster environment); by default it is read from the
+    environment variables.
     """
     apply_cpu_support()
     info = rank_info or resolve_rank_info()
@@ -128,8 +142,17 @@ def initialize_distributed(
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
         logger.info("torch.distributed: %s rank %d/%d (%s)", backend, info.rank, info.world_size, info.source)
-    initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size, seed)
     return info
+
+
+def set_model_parallel_from_config(model_cfg: Mapping[str, Any]) -> None:
+    """Initialise megatron-core's parallel state (TP/PP/DP groups, RNG streams) for a model config: the launcher's
+    step before anything needs it (data sharding, building the model). Again with the same sizes: re-seeds only."""
+    initialize_distributed(
+        tensor_model_parallel_size=model_cfg.get("tensor_model_parallel_size", 1) or 1,
+        pipeline_model_parallel_size=model_cfg.get("pipeline_model_parallel_size", 1) or 1,
+        seed=model_seed(model_cfg),
+    )
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, seed: int) -> None:
@@ -160,13 +183,41 @@ def initialize_model_parallel(tensor_model_parallel_size: int, pipeline_model_pa
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def require_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
+    """Raise unless megatron-core's parallel state is initialised at these TP/PP sizes (a model is built inside the
+    parallel state its launcher set up; it never sets it up itself)."""
+    from megatron.core import parallel_state
+
+    wanted = (tensor_model_parallel_size, pipeline_model_parallel_size)
+    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        raise RuntimeError(
+            f"megatron-core's parallel state is not initialised: the launcher sets it up before a model is built "
+            f"(a run does; a script or notebook calls nemo_aligner.utils.distributed.initialize_distributed"
+            f"{wanted} first)"
+        )
+    current = (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+    if current != wanted:
+        raise RuntimeError(
+            f"the model config asks for tensor/pipeline parallel sizes {wanted} but megatron-core's parallel state "
+            f"was initialised with {current}: initialise it from this model config (initialize_distributed"
+            f"{wanted}) before building the model"
+        )
+
+
 def seed_everything(seed: int) -> None:
-    """Seed torch, python and numpy (the same seed on every rank: weights are initialised identically)."""
+    """Seed torch, python, numpy and megatron-core's model-parallel RNG streams (dropout, TP-sharded weights);
+    the same seed on every rank, so weights are initialised identically."""
     import random
 
     import numpy as np
     import torch
+    from megatron.core import parallel_state, tensor_parallel
 
+    if parallel_state.model_parallel_is_initialized():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from nemo_aligner.algorithms.base import RESUME_PATH_KEY, epoch_steps, planned_max_steps
 from nemo_aligner.checkpoint.trainer_checkpoint import read_trainer_state
+from nemo_aligner.recipes import common as _recipe
 from nemo_aligner.recipes.common import (
     LIGHTNING_TRAINER_KEYS,
     TrainingData,
@@ -24,7 +25,6 @@ from nemo_aligner.recipes.common import (
     config_view,
     model_config_for_training,
     override_model_config_from_checkpoint,
-    resolve_and_create_trainer,
     set_model_parallel_from_config,
     to_plain,
     validate_common,
@@ -39,6 +39,7 @@ from nemo_aligner.recipes.dpo import (
 )
 from nemo_aligner.recipes.sft import build_sft_data, validate_sft_config
 from nemo_aligner.recipes.spin import build_spin_data, validate_spin_config
+from nemo_aligner.utils.distributed import require_model_parallel
 from nemo_aligner.utils.exp_manager import CheckpointCallback, CustomLoggerWrapper
 
 __all__ = [
@@ -85,9 +86,27 @@ def init_peft(model, model_cfg: DictConfig) -> None:
     configure_peft(model, model_cfg)
 
 
+def resolve_and_create_trainer(cfg: DictConfig, pop_trainer_key: str):
+    """NeMo-Aligner's launcher: :func:`nemo_aligner.recipes.common.resolve_and_create_trainer` (processes, process
+    group), then megatron-core's parallel state from ``cfg.model``.
+
+    The one compatibility path for NeMo-Aligner's call order: its scripts build the model right after this
+    (``load_from_nemo``) and call ``init_distributed`` only afterwards, while a model is built inside parallel state
+    its launcher set up. Our recipes initialise it after checking the config (``data_parallel_layout``);
+    NeMo-Aligner's scripts have no check step, so the trainer's launch does it, from the model config they already
+    merged (``load_and_override_model_config`` comes first in each of their scripts).
+    """
+    trainer = _recipe.resolve_and_create_trainer(cfg, pop_trainer_key)
+    set_model_parallel_from_config(cfg.model)
+    return trainer
+
+
 def init_distributed(trainer, model, transformer_engine: bool = False) -> None:
-    """Process group and model-parallel groups for ``model.cfg`` (already set up when the model was built: then
-    nothing changes). ``transformer_engine`` is read from the model config here, the argument is accepted."""
+    """NeMo-Aligner's step after building the model: here parallel state is already set (by
+    :func:`resolve_and_create_trainer`), so this checks that the model was built at its ``model.cfg`` sizes and
+    re-seeds the model-parallel RNG streams. ``transformer_engine`` comes from the model config; it is accepted."""
+    sizes = [model.cfg.get(key, 1) or 1 for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size")]
+    require_model_parallel(*sizes)
     set_model_parallel_from_config(model.cfg)
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from nemo_aligner.checkpoint.hf_conversion import hf_architecture, nemo_config_from_hf, nemo_state_dict_from_hf
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.tokenizers import build_tokenizer
+from nemo_aligner.utils.distributed import set_model_parallel_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ def convert(model_dir: Path, output_path: Path, precision: str | None) -> None:
         cfg["precision"] = PRECISIONS[precision]
     cfg["tokenizer"] = tokenizer_cfg
     hf_state_dict = read_hf_state_dict(model_dir)
+    set_model_parallel_from_config(cfg)  # this one-process tool is its own launcher
     model = MegatronGPTModel(cfg, tokenizer=tokenizer)
     model.load_model_state_dict(nemo_state_dict_from_hf(hf_state_dict, cfg, padded_vocab=model.padded_vocab_size))
     model.save_to(output_path)

@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from nemo_aligner.checkpoint import legacy_conversion, nemo_file
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.tokenizers import build_tokenizer
+from nemo_aligner.utils.distributed import set_model_parallel_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def convert(source: Path, out_file: Path) -> None:
         override = legacy_conversion.vocab_override(new_cfg, rows, tokenizer.vocab_size)
         if override is not None:
             new_cfg["override_vocab_size"] = override
+        set_model_parallel_from_config(new_cfg)  # this one-process tool is its own launcher
         model = MegatronGPTModel(new_cfg, tokenizer=tokenizer)
         model.load_model_state_dict(state_dict, strict=True)
         model.save_to(out_file)  # inside the context: the tokenizer artifacts are still unpacked

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from nemo_aligner.checkpoint.hf_conversion import hf_config_from_nemo, hf_state_dict_from_nemo
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+from nemo_aligner.utils.distributed import set_model_parallel_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def restore_single_rank(nemo_path: Path) -> MegatronGPTModel:
         cfg.tensor_model_parallel_size = 1
         cfg.pipeline_model_parallel_size = 1
         cfg.sequence_parallel = False
+    set_model_parallel_from_config(cfg)  # this one-process tool is its own launcher
     return MegatronGPTModel.restore_from(nemo_path, override_config_path=cfg)
 
 

@@ -64,3 +64,13 @@ def run_distributed(target: str, nprocs: int, out_dir: Path, timeout: float = 30
     if failures:
         raise RuntimeError(f"{target} failed on {len(failures)} rank(s)\n" + "\n".join(failures))
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(nprocs)]
+
+
+def restore_at_layout(model_cls, cfg, restore_path):
+    """On a rank: what a launcher does before building a model (megatron-core's parallel state from ``cfg``'s
+    TP/PP sizes), then ``load_from_nemo(model_cls, cfg, restore_path=...)``."""
+    from nemo_aligner.utils.distributed import set_model_parallel_from_config
+    from nemo_aligner.utils.utils import load_from_nemo
+
+    set_model_parallel_from_config(cfg)
+    return load_from_nemo(model_cls, cfg, restore_path=restore_path)

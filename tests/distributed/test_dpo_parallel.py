@@ -15,7 +15,7 @@ from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSPINModel
 from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
 from tests.conftest import perturb_, tiny_model_cfg
-from tests.distributed.multiprocess import run_distributed
+from tests.distributed.multiprocess import restore_at_layout, run_distributed
 
 GLOBAL_BATCH = 8
 # Adam's first step is lr * g / (|g| + eps): a larger eps keeps fp32 rounding in near-zero gradients from
@@ -44,7 +44,7 @@ def one_dpo_step(
         "data": DATA,
     }
     cfg = load_and_override_model_config(model_path, overrides)
-    model = load_from_nemo(MegatronGPTSPINModel if spin else MegatronGPTDPOModel, cfg, restore_path=model_path)
+    model = restore_at_layout(MegatronGPTSPINModel if spin else MegatronGPTDPOModel, cfg, model_path)
     dataset = build_dpo_dataset(cfg.data, data_path, model.tokenizer)
     loader = build_dpo_dataloader(
         cfg.data,

@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
 from tests.conftest import NEMO_FIXTURE_NAMES, NEMO_FIXTURES, perturb_, tiny_model_cfg
-from tests.distributed.multiprocess import run_distributed
+from tests.distributed.multiprocess import restore_at_layout, run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -29,7 +29,7 @@ def tp2_world(paths: dict[str, str], tp1_saved: str, tp2_save_path: str, input_i
     results = {}
     for name, path in {**paths, "ours_tp1": tp1_saved}.items():
         cfg = load_and_override_model_config(path, {"tensor_model_parallel_size": 2})
-        model = load_from_nemo(MegatronGPTModel, cfg, restore_path=path).eval()
+        model = restore_at_layout(MegatronGPTModel, cfg, path).eval()
         assert parallel_state.get_tensor_model_parallel_world_size() == 2
         with torch.no_grad():
             local = model(ids)

@@ -39,7 +39,7 @@ from nemo_aligner.checkpoint.trainer_checkpoint import (
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.config_validation import ConfigChecker, check_model_parallel
 from tests.conftest import NEMO_FIXTURE_NAMES, NEMO_FIXTURES
-from tests.distributed.multiprocess import run_distributed
+from tests.distributed.multiprocess import restore_at_layout, run_distributed
 from tests.functional.sft_runs import SCRIPTS
 from tests.generation.test_generate import GREEDY, SAMPLING, random_prompts
 
@@ -195,16 +195,12 @@ def run_algorithm(algorithm: str, log_dir: str, start: str, tp: int, pp: int, wo
 def generations(paths: dict[str, str], prompts: list[list[int]], seeds: list[int], tp: int, pp: int) -> dict:
     """Greedy (with every log-prob) and keyed sampling from each checkpoint, restored at this layout."""
     from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
-    from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
+    from nemo_aligner.utils.utils import load_and_override_model_config
 
     results = {}
     for name, path in paths.items():
         layout = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
-        model = load_from_nemo(
-            MegatronGPTModel,
-            load_and_override_model_config(path, layout),
-            restore_path=path,
-        )
+        model = restore_at_layout(MegatronGPTModel, load_and_override_model_config(path, layout), path)
         results[name] = {
             "greedy": model.generate(prompts, GREEDY_ALL_PROBS, GENERATION_LENGTH),
             "sampled": model.generate(prompts, SAMPLING, GENERATION_LENGTH, seeds),

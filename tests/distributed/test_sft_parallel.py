@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 from nemo_aligner.data.nlp.builders import build_collate, build_sft_dataset, build_train_sampler
 from nemo_aligner.models.nlp.gpt.gpt_sft_model import GPTSFTModel
 from nemo_aligner.tokenizers import build_tokenizer
+from nemo_aligner.utils.distributed import set_model_parallel_from_config
 from tests.conftest import tiny_model_cfg
 from tests.distributed.multiprocess import run_distributed
 
@@ -42,7 +43,9 @@ def _split_cfg(path: str) -> dict:
 
 def one_sft_step(data_path: str, micro_batch_size: int) -> dict:
     """Build the model (same init everywhere), take one optimizer step on this rank's share, return the result."""
-    model = GPTSFTModel(tiny_model_cfg(micro_batch_size=micro_batch_size, global_batch_size=GLOBAL_BATCH))
+    cfg = tiny_model_cfg(micro_batch_size=micro_batch_size, global_batch_size=GLOBAL_BATCH)
+    set_model_parallel_from_config(cfg)  # this rank's launcher step
+    model = GPTSFTModel(cfg)
     tokenizer = model.tokenizer
     split_cfg = _split_cfg(data_path)
     dataset = build_sft_dataset({"chat": False}, split_cfg, tokenizer, seed=1)

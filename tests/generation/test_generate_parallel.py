@@ -7,9 +7,9 @@ import torch
 
 from nemo_aligner.generation import GenerationOutput
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
-from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
+from nemo_aligner.utils.utils import load_and_override_model_config
 from tests.conftest import perturb_, tiny_model_cfg
-from tests.distributed.multiprocess import run_distributed
+from tests.distributed.multiprocess import restore_at_layout, run_distributed
 from tests.generation.test_generate import GREEDY, SAMPLING, random_prompts, reference_greedy
 
 pytestmark = pytest.mark.distributed
@@ -21,7 +21,7 @@ GREEDY_WITH_LOGPROBS = {**GREEDY, "compute_logprob": True}
 def tp2_generate(path: str, prompts: list[list[int]], seeds: list[int]) -> dict[str, GenerationOutput]:
     """Runs on each of 2 ranks: restore the TP=1 file at TP=2 and generate greedily and by sampling."""
     cfg = load_and_override_model_config(path, {"tensor_model_parallel_size": 2})
-    model = load_from_nemo(MegatronGPTModel, cfg, restore_path=path).eval()
+    model = restore_at_layout(MegatronGPTModel, cfg, path).eval()
     return {
         "greedy": model.generate(prompts, GREEDY_WITH_LOGPROBS, LENGTH),
         "sampled": model.generate(prompts, SAMPLING, LENGTH, seeds),

@@ -15,9 +15,9 @@ from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOMod
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.models.nlp.gpt.packed_sequences import pack_sequences, resolve_packed_sequences
 from nemo_aligner.utils.distributed import initialize_distributed
-from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
+from nemo_aligner.utils.utils import load_and_override_model_config
 from tests.conftest import perturb_, tiny_model_cfg
-from tests.distributed.multiprocess import run_distributed
+from tests.distributed.multiprocess import restore_at_layout, run_distributed
 from tests.models.test_dpo_prefix_sharing import (
     ARCHITECTURES,
     PAD,
@@ -131,7 +131,7 @@ def thd_scores_at_layout(model_path: str, tp: int) -> dict:
     overrides = {"tensor_model_parallel_size": tp, "micro_batch_size": 2, "global_batch_size": 8}
     settings = {"ref_policy_kl_penalty": 0.5, "prefix_sharing": False, "packed_sequences": True}
     cfg = load_and_override_model_config(model_path, {**overrides, "local_core_attention": "sdpa", "dpo": settings})
-    model = load_from_nemo(MegatronGPTDPOModel, cfg, restore_path=model_path)
+    model = restore_at_layout(MegatronGPTDPOModel, cfg, model_path)
     batch = DPOCollate(PAD)(pair_items())
     out = {"packed": model.get_logprob_sums(batch)}
     ref = {"ref_chosen_logps": out["packed"][0] - 0.4, "ref_rejected_logps": out["packed"][1] + 0.3}

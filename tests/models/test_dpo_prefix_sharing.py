@@ -13,9 +13,9 @@ from nemo_aligner.data.nlp.dpo_dataset import DPOCollate, filler_pair_item
 from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.models.nlp.gpt.prefix_sharing import pack_pairs, resolve_prefix_sharing
-from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
+from nemo_aligner.utils.utils import load_and_override_model_config
 from tests.conftest import perturb_, tiny_model_cfg
-from tests.distributed.multiprocess import run_distributed
+from tests.distributed.multiprocess import restore_at_layout, run_distributed
 
 # (prompt length, chosen response length, rejected response length); the last pair's responses share 3 tokens.
 SHAPES = [(20, 9, 3), (4, 2, 2), (11, 30, 6), (3, 1, 4), (8, 8, 8), (15, 2, 12), (6, 5, 7)]
@@ -166,11 +166,8 @@ def test_true_refuses_unsupported_configs_auto_turns_off_and_bad_values_are_name
 def scores_at_layout(model_path: str, tp: int) -> dict:
     """Per-response sums without and with prefix sharing, and the packed loss, at tensor-parallel size ``tp``."""
     overrides = {"tensor_model_parallel_size": tp, "micro_batch_size": 2, "global_batch_size": 8}
-    model = load_from_nemo(
-        MegatronGPTDPOModel,
-        load_and_override_model_config(model_path, {**overrides, "dpo": {"ref_policy_kl_penalty": 0.5}}),
-        restore_path=model_path,
-    )
+    cfg = load_and_override_model_config(model_path, {**overrides, "dpo": {"ref_policy_kl_penalty": 0.5}})
+    model = restore_at_layout(MegatronGPTDPOModel, cfg, model_path)
     batch = DPOCollate(PAD)(pair_items())
     out = {"unshared": model.get_logprob_sums(batch)}
     model.prefix_sharing = True

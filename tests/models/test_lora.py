@@ -29,7 +29,7 @@ from nemo_aligner.utils.logprobs import shifted_logprobs
 from nemo_aligner.utils.train_script_utils import configure_peft
 from nemo_aligner.utils.utils import load_and_override_model_config, load_from_nemo
 from tests.conftest import perturb_, tiny_model_cfg
-from tests.distributed.multiprocess import run_distributed
+from tests.distributed.multiprocess import restore_at_layout, run_distributed
 
 IDS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
 ALL = ("attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2")
@@ -58,7 +58,7 @@ def _with_lora(base: MegatronGPTModel, peft: dict) -> MegatronGPTModel:
 def _lora_from(path, peft: dict, **overrides) -> MegatronGPTModel:
     """A ``.nemo``'s base model built with the adapters of ``peft``."""
     cfg = load_and_override_model_config(path, {**overrides, "peft": peft})
-    return load_from_nemo(MegatronGPTModel, cfg, restore_path=path).eval()
+    return restore_at_layout(MegatronGPTModel, cfg, path).eval()
 
 
 def _logits(model: MegatronGPTModel, ids: torch.Tensor = IDS) -> torch.Tensor:

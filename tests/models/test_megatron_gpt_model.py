@@ -232,3 +232,22 @@ def test_user_config_replaces_checkpoint_values_of_another_kind():
     merged = merge_over_checkpoint_config(checkpoint, user)
     assert merged.data.data_prefix.train == ["a.jsonl"] and merged.data.seq_length == 64
     assert merged.optim == {"lr": 2, "name": "adamw"} and merged.hidden_size == 64
+
+
+def test_the_model_is_built_inside_the_launchers_parallel_state_and_never_sets_it_up():
+    """megatron-core leaves parallel state to the launcher: without it the constructor stops with a message naming
+    the launcher's call; with other sizes than the config's it stops too; it never (re-)initialises anything."""
+    from megatron.core import parallel_state
+
+    from nemo_aligner.utils.distributed import initialize_distributed
+
+    with pytest.raises(RuntimeError, match=r"tensor/pipeline parallel sizes \(2, 1\) .* initialised with \(1, 1\)"):
+        MegatronGPTModel(tiny_model_cfg(tensor_model_parallel_size=2, num_query_groups=4))
+    assert parallel_state.get_tensor_model_parallel_world_size() == 1  # untouched
+    parallel_state.destroy_model_parallel()
+    try:
+        with pytest.raises(RuntimeError, match=r"parallel state is not initialised: the launcher sets it up"):
+            MegatronGPTModel(tiny_model_cfg())
+        assert not parallel_state.model_parallel_is_initialized()
+    finally:
+        initialize_distributed()

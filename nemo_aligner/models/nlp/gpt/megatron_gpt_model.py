@@ -34,7 +34,7 @@ from nemo_aligner.tokenizers import Tokenizer, build_tokenizer
 from nemo_aligner.utils import mcore_compat
 from nemo_aligner.utils.config import model_seed
 from nemo_aligner.utils.device import current_device, model_device, to_device
-from nemo_aligner.utils.distributed import initialize_distributed, is_global_rank_zero, seed_everything
+from nemo_aligner.utils.distributed import is_global_rank_zero, require_model_parallel, seed_everything
 from nemo_aligner.utils.kill_points import kill_point
 from nemo_aligner.utils.logprobs import shifted_logprobs
 from nemo_aligner.utils.optimization import build_lr_scheduler, build_optimizer, ddp_config_for
@@ -79,6 +79,9 @@ def forward_tokens(module: torch.nn.Module, input_ids: torch.Tensor) -> torch.Te
 class MegatronGPTModel(LightningModule):
     """A megatron-core GPT built from a NeMo model config (``model_config.yaml`` keys).
 
+    Built inside megatron-core's parallel state, which the launcher initialises first (a run's recipe does; a
+    script calls :func:`~nemo_aligner.utils.distributed.initialize_distributed`).
+
     Args:
         cfg: the model config (``num_layers``, ``hidden_size``, ``tokenizer``, ...).
         trainer: the Lightning trainer that launched the job (optional; loops are ours).
@@ -91,10 +94,10 @@ class MegatronGPTModel(LightningModule):
         self.cfg = cfg
         self._launcher = trainer
         self.seed = model_seed(cfg)
-        initialize_distributed(
-            tensor_model_parallel_size=cfg.get("tensor_model_parallel_size", 1) or 1,
-            pipeline_model_parallel_size=cfg.get("pipeline_model_parallel_size", 1) or 1,
-            seed=self.seed,
+        # megatron-core's parallel state is the launcher's (recipes.common, or initialize_distributed in a script):
+        # the model is built inside it and only checks that it fits this config.
+        require_model_parallel(
+            cfg.get("tensor_model_parallel_size", 1) or 1, cfg.get("pipeline_model_parallel_size", 1) or 1
         )
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer)
         self._artifact_dir: str | None = None  # owned copy of a restored checkpoint's tokenizer files
