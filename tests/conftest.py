@@ -35,17 +35,14 @@ def compute_device() -> torch.device:
     return COMPUTE_DEVICE
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def megatron_parallel_state() -> None:
     """megatron-core's parallel state for the test process (one rank: TP 1, PP 1), set up as a run's launcher does
     before a model is built; models never set it up themselves. A test that needs other sizes (a rank started by
     ``tests.distributed.multiprocess``) calls ``set_model_parallel_from_config(cfg)`` as a launcher would."""
-    from megatron.core import parallel_state
+    from nemo_aligner.utils.distributed import initialize_distributed
 
-    if not parallel_state.model_parallel_is_initialized():
-        from nemo_aligner.utils.distributed import initialize_distributed
-
-        initialize_distributed()
+    initialize_distributed()
 
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -176,7 +176,8 @@ class BaseTrainer:
         """Hook for algorithms that add to each batch (e.g. precomputed reference log-probs)."""
         return batch
 
-    def train_single_step(self, batch: dict) -> dict[str, float]:
+    def train_single_step(self, batch: dict) -> tuple[float, dict[str, float]]:
+        """One optimizer step on a global batch: ``(loss, metrics)``, as NeMo-Aligner's trainers return it."""
         self.model.prepare_for_training_step()
         loss, metrics = self.model.get_loss_and_metrics(batch=self.prepare_batch(batch, True), forward_only=False)
         self.model.finish_training_step()
@@ -188,26 +189,31 @@ class BaseTrainer:
             self.scheduler.step(increment=1)
         kill_point("after_optimizer_step")
         health = step_health_metrics(self.health, batch)
-        return {**metrics, "grad_norm": float(grad_norm or 0.0), "lr": lr, **health}
+        return loss, {**metrics, "grad_norm": float(grad_norm or 0.0), "lr": lr, **health}
+
+    def validation_step(self, batch: dict) -> tuple[float, dict[str, float]]:
+        """``(loss, metrics)`` of one validation batch, in evaluation mode (NeMo-Aligner's step method)."""
+        self.model.prepare_for_validation_step()
+        loss, metrics = self.model.get_loss_and_metrics(batch=self.prepare_batch(batch, False), forward_only=True)
+        self.model.finish_validation_step()
+        return loss, metrics
 
     def run_validation(self) -> dict[str, float]:
         """Metrics over the validation set, each a mean weighted by the batch's ``num_tokens``/``num_pairs``."""
         if not self.val_dataloader or self.val_batches == 0:
             return {}
-        self.model.prepare_for_validation_step()
         sums: dict[str, float] = {}
         total_weight = 0.0
         for index, batch in enumerate(self.val_dataloader):
             if index >= self.val_batches:
                 break
-            _, metrics = self.model.get_loss_and_metrics(batch=self.prepare_batch(batch, False), forward_only=True)
+            _, metrics = self.validation_step(batch)
             kill_point("validation")
             weight = float(metrics.get("num_tokens", metrics.get("num_pairs", 1.0)))
             total_weight += weight
             for key, value in metrics.items():
                 if key not in ("num_tokens", "num_pairs"):
                     sums[key] = sums.get(key, 0.0) + float(value) * weight
-        self.model.finish_validation_step()
         return {key: value / max(total_weight, 1e-12) for key, value in sums.items()}
 
     # ------------------------------------------------------------------ the loop
@@ -254,7 +260,7 @@ class BaseTrainer:
         for batch in self.train_dataloader:
             if steps_done_in_epoch >= self.steps_per_epoch:
                 break
-            metrics = self.train_single_step(batch)
+            _, metrics = self.train_single_step(batch)
             self.step += 1
             self.consumed_samples += self.global_batch_size
             steps_done_in_epoch += 1

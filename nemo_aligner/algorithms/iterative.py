@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from nemo_aligner.algorithms.base import BaseTrainer
+from nemo_aligner.algorithms.nemo_aligner_api import NeMoAlignerIterativeAPI
 from nemo_aligner.data.nlp.pairs import SPINPairsDataset, pairs_loader_over_prompts
 from nemo_aligner.data.nlp.samplers import FILLER_INDEX
 from nemo_aligner.models.nlp.gpt.reference import ReferenceLogprobs, compute_reference_logprobs
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 ITERATION_SEED_STRIDE = 1_000_003
 
 
-class IterativeTrainer(BaseTrainer):
+class IterativeTrainer(NeMoAlignerIterativeAPI, BaseTrainer):
     """``max_iterations`` x (rollout, ``max_epochs`` epochs) (module docstring).
 
     Args (beyond :class:`BaseTrainer`): ``sft_dataset`` (prompts and ground truth, ``prompt_and_answer(i)``),
@@ -204,10 +205,10 @@ class IterativeTrainer(BaseTrainer):
             return self.model.reference.attach(batch, "train")
         return batch
 
-    def train_single_step(self, batch: dict) -> dict[str, float]:
+    def train_single_step(self, batch: dict) -> tuple[float, dict[str, float]]:
         with self.timers("train"):
-            metrics = super().train_single_step(batch)
-        return {**metrics, **self.step_metrics(batch)}
+            loss, metrics = super().train_single_step(batch)
+        return loss, {**metrics, **self.step_metrics(batch)}
 
     def step_metrics(self, batch: dict) -> dict[str, float]:
         """Metrics of the step's pairs beyond the loss's (of the global batch, not this rank's share)."""
@@ -217,14 +218,19 @@ class IterativeTrainer(BaseTrainer):
         """The plain SFT loss of the validation set (no generation), as NeMo-Aligner's SPIN reports it."""
         if not self.val_dataloader or self.val_batches == 0:
             return {}
-        self.model.prepare_for_validation_step()
         total = tokens = 0.0
         for index, batch in enumerate(self.val_dataloader):
             if index >= self.val_batches:
                 break
-            loss, metrics = self.model.get_loss_and_metrics_vanilla_sft(batch, forward_only=True)
+            loss, metrics = self.validation_step(batch)
             kill_point("validation")
             total += loss * metrics["num_tokens"]
             tokens += metrics["num_tokens"]
-        self.model.finish_validation_step()
         return {"loss": total / max(tokens, 1.0)}
+
+    def validation_step(self, batch: dict) -> tuple[float, dict[str, float]]:
+        """``(loss, metrics)``: the plain SFT loss of one validation batch of SFT samples, in evaluation mode."""
+        self.model.prepare_for_validation_step()
+        loss, metrics = self.model.get_loss_and_metrics_vanilla_sft(batch, forward_only=True)
+        self.model.finish_validation_step()
+        return loss, metrics

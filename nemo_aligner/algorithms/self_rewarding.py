@@ -39,6 +39,7 @@ from megatron.core import parallel_state
 from omegaconf import ListConfig
 
 from nemo_aligner.algorithms.iterative import IterativeTrainer
+from nemo_aligner.algorithms.nemo_aligner_api import NeMoAlignerSelfRewardingAPI
 from nemo_aligner.data.nlp.pairs import SFT, TRAINED_KINDS, SelfRewardingPairsDataset
 from nemo_aligner.data.nlp.samplers import FILLER_INDEX
 from nemo_aligner.judges import length_control_for_iteration
@@ -49,7 +50,7 @@ from nemo_aligner.utils.optimizer_state import restart_adam
 logger = logging.getLogger(__name__)
 
 
-class SelfRewardingTrainer(IterativeTrainer):
+class SelfRewardingTrainer(NeMoAlignerSelfRewardingAPI, IterativeTrainer):
     """The iterative loop with the Self-Rewarding / Meta-Rewarding rollout (module docstring);
     ``chat_prompt_tokens`` are the policy's ``model.data.chat_prompt_tokens`` (judge prompts are user turns in that
     template)."""

@@ -261,3 +261,118 @@ def test_preference_model_methods_match_ours():
     assert model.training
     with pytest.raises(NotImplementedError, match="get_loss_and_metrics"):
         model.get_forward_output_and_loss_func()
+
+
+def nemo_aligner_spin_batch(ours: dict) -> dict:
+    """The SPIN batch NeMo-Aligner's ``augment_dataloader`` builds from the same pairs, built as it does: its
+    ``create_mask`` marks positions ``prompt_length - 1`` up to ``length - 1`` (exclusive)."""
+
+    def create_mask(tokens, prompt_lengths, lengths):
+        mask = torch.zeros_like(tokens)
+        for row, (start, end) in enumerate(zip(prompt_lengths.tolist(), lengths.tolist())):
+            mask[row, start - 1 : end - 1] = 1
+        return mask
+
+    return {
+        "actual": ours["chosen"],
+        "generated": ours["rejected"],
+        "actual_mask": create_mask(ours["chosen"], ours["prompt_lengths"], ours["chosen_lengths"]),
+        "generated_mask": create_mask(ours["rejected"], ours["prompt_lengths"], ours["rejected_lengths"]),
+        "generated_lengths": ours["rejected_lengths"] - ours["prompt_lengths"],
+    }
+
+
+def test_the_spin_batch_as_nemo_aligner_builds_it_gives_our_loss():
+    """NeMo-Aligner's SPIN batch (actual/generated, its masks, per-token reference log-probs) is our pair batch:
+    the same response tokens are scored, and the loss equals the one of our collate's batch of the same pairs."""
+    from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSPINModel
+    from nemo_aligner.models.nlp.gpt.nemo_aligner_api import pairs_from_nemo_aligner_spin_batch
+    from tests.conftest import tiny_model_cfg
+
+    spin = {"ref_policy_kl_penalty": 0.5, "preference_loss": "dpo"}
+    model = MegatronGPTSPINModel(tiny_model_cfg(micro_batch_size=2, global_batch_size=2, spin=spin))
+    ours = DPOCollate(3)(PAIRS)
+    theirs = nemo_aligner_spin_batch(ours)
+    converted = pairs_from_nemo_aligner_spin_batch(theirs)
+    assert torch.equal(converted["chosen_mask"], ours["chosen_mask"])
+    assert torch.equal(converted["rejected_mask"], ours["rejected_mask"])
+    # The reference model's per-token log-probs [2B, S-1] (NeMo-Aligner's get_ref_policy_logprobs), moved by a
+    # per-token offset so that the loss depends on exactly which tokens each mask scores.
+    per_token = model.get_ref_policy_logprobs(theirs).cpu()
+    assert torch.equal(per_token, model.get_ref_policy_logprobs(ours).cpu())
+    per_token = per_token - 0.1
+    theirs["ref_policy_log_probs_actual"], theirs["ref_policy_log_probs_generated"] = per_token.split(2)
+    chosen_sums, rejected_sums = model.get_logprob_sums(ours)
+    counts = {side: ours[f"{side}_mask"].sum(1) for side in ("chosen", "rejected")}  # 3 and 1, 1 and 4 tokens
+    ours["ref_chosen_logps"] = chosen_sums.cpu() - 0.1 * counts["chosen"]
+    ours["ref_rejected_logps"] = rejected_sums.cpu() - 0.1 * counts["rejected"]
+    loss, metrics = model.get_loss_and_metrics(theirs, forward_only=True)
+    expected, expected_metrics = model.get_loss_and_metrics(ours, forward_only=True)
+    assert loss == pytest.approx(expected, abs=1e-6) and loss != pytest.approx(math.log(2), abs=1e-3)
+    assert metrics["rewards_actual_mean"] == pytest.approx(expected_metrics["rewards_actual_mean"], abs=1e-6)
+    # by hand: the reward of a pair side is beta x 0.1 x its scored tokens
+    assert metrics["rewards_actual_mean"] == pytest.approx(0.5 * 0.1 * (3 + 1) / 2, abs=1e-5)
+
+
+def test_trainer_step_methods_return_loss_and_metrics(tmp_path):
+    """train_single_step / validation_step return (loss, metrics) as NeMo-Aligner's do; on the first step the DPO
+    loss is exactly log 2 (policy = reference), and the step updates the weights."""
+    from types import SimpleNamespace
+
+    from nemo_aligner.algorithms.dpo import DPOTrainer
+    from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
+    from tests.conftest import tiny_model_cfg
+
+    model = MegatronGPTDPOModel(
+        tiny_model_cfg(micro_batch_size=2, global_batch_size=2, dpo={"ref_policy_kl_penalty": 0.5})
+    )
+    optim = {"name": "adamw", "lr": 1e-2, "sched": {"name": "Constant"}}
+    optimizer, scheduler = model.setup_optimization(optim, max_steps=4, gradient_clip_val=1.0)
+    loader = SimpleNamespace(batch_sampler=SimpleNamespace(global_batch_size=2, steps_per_epoch=1))
+    trainer = DPOTrainer(
+        {"max_epochs": 1, "max_steps": 1},
+        model,
+        train_dataloader=loader,
+        val_dataloader=None,
+        optimizer=optimizer,
+        scheduler=scheduler,
+    )
+    batch = DPOCollate(3)(PAIRS)
+    before = model.model_state_dict_in_cpu()
+    loss, metrics = trainer.train_single_step(batch)
+    assert loss == pytest.approx(math.log(2), abs=1e-6) and metrics["loss"] == loss and "lr" in metrics
+    assert any(not torch.equal(before[k], v) for k, v in model.model_state_dict_in_cpu().items())
+    loss, metrics = trainer.validation_step(batch)
+    model.eval()
+    expected = model.get_loss_and_metrics(batch, forward_only=True)
+    model.train()
+    assert (loss, metrics) == expected and model.training
+
+
+def test_iterative_trainer_names_are_refused_or_ours():
+    """augment_dataloader / get_generations / train_single_step_sft say what to use; train_single_step_dpo is
+    train_single_step; get_elo_scores is our Bradley-Terry fit over NeMo-Aligner's verdict order."""
+    from nemo_aligner.algorithms.self_rewarding import SelfRewardingTrainer
+    from nemo_aligner.algorithms.spin import SPINTrainer
+    from nemo_aligner.judges.meta import bradley_terry_elo
+
+    trainer = object.__new__(SelfRewardingTrainer)  # the methods under test read nothing of a built trainer
+    for name, hint in (
+        ("augment_dataloader", "run_rollout"),
+        ("get_generations", "model.generate"),
+        ("train_single_step_sft", "first_iteration_sft"),
+    ):
+        with pytest.raises(NotImplementedError, match=hint):
+            getattr(trainer, name)(None)
+    with pytest.raises(NotImplementedError, match="run_rollout"):
+        object.__new__(SPINTrainer).augment_dataloader(None)
+    trainer.train_single_step = lambda batch: (0.25, {"loss": 0.25, "batch": batch})
+    assert trainer.train_single_step_dpo("b") == (0.25, {"loss": 0.25, "batch": "b"})
+
+    # 3 judgements; pairs (0,1), (0,2), (1,2), each verdict with the first shown as A, then swapped.
+    verdicts = ["A", "B", "A", "B", "A", "A", "next"]
+    elo = SelfRewardingTrainer.get_elo_scores(3, 6, verdicts)
+    assert verdicts == ["next"]  # the six were taken off the front
+    expected = bradley_terry_elo(3, [(0, 1, "A"), (1, 0, "B"), (0, 2, "A"), (2, 0, "B"), (1, 2, "A"), (2, 1, "A")])
+    assert elo.tolist() == pytest.approx(expected.tolist())
+    assert elo[0] > elo[1] == pytest.approx(elo[2])  # 0 beats both in both orders; 1 and 2 tie (position bias)

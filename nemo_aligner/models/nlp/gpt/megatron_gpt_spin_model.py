@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig
 
 from nemo_aligner.models.nlp.gpt.gpt_sft_model import SFTLoss
 from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel, concat_pairs
+from nemo_aligner.models.nlp.gpt.nemo_aligner_api import pairs_from_nemo_aligner_spin_batch
 from nemo_aligner.models.nlp.gpt.reference import REFERENCE_PREFIX
 from nemo_aligner.utils.optimizer_state import torch_optimizer_states
 from nemo_aligner.utils.utils import cpu_weight_swap
@@ -53,7 +54,9 @@ class MegatronGPTSPINModel(SFTLoss, MegatronGPTDPOModel):
 
     # ------------------------------------------------------------------ losses
     def get_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
-        loss, metrics = super().get_loss_and_metrics(batch, forward_only)
+        """The preference loss of a batch of pairs: ours, or NeMo-Aligner's SPIN batch (``actual``/``generated``,
+        see :func:`pairs_from_nemo_aligner_spin_batch`)."""
+        loss, metrics = super().get_loss_and_metrics(pairs_from_nemo_aligner_spin_batch(batch), forward_only)
         chosen, rejected = self.pair_sides
         names = {"rewards_chosen_mean": f"rewards_{chosen}_mean", "rewards_rejected_mean": f"rewards_{rejected}_mean"}
         return loss, {names.get(key, key): value for key, value in metrics.items()}
@@ -66,9 +69,10 @@ class MegatronGPTSPINModel(SFTLoss, MegatronGPTDPOModel):
     def get_ref_policy_logprobs(self, batch: dict) -> torch.Tensor:
         """Per-token reference log-probs ``[2B, S-1]`` of actual (first B rows) and generated responses.
 
-        Computed inside the reference policy's scoring context (e.g. the CPU-held weights swapped in).
+        Computed inside the reference policy's scoring context (e.g. the CPU-held weights swapped in). The batch is
+        ours or NeMo-Aligner's SPIN batch (:func:`pairs_from_nemo_aligner_spin_batch`).
         """
-        tokens, _ = concat_pairs(self.to_model_device(batch))
+        tokens, _ = concat_pairs(self.to_model_device(pairs_from_nemo_aligner_spin_batch(batch)))
         with self.reference.scoring(self):
             was_training = self.training
             self.eval()
