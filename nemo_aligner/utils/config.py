@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.utils.run_lock import released_on_exit
+from nemo_aligner.utils.seeds import NEMO_DEFAULT_SEED, model_seed  # noqa: F401 (the seeds' home is seeds.py)
 
 EMBEDDED_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "embedded"
 
@@ -94,12 +95,3 @@ def compose_config(config_dir: str | Path, config_name: str, overrides: Sequence
     register_resolvers()
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
         return compose(config_name=config_name, overrides=list(overrides))
-
-
-NEMO_DEFAULT_SEED = 1234
-"""NeMo's ``model.seed``, for a model config without one (an HF-converted checkpoint's). The YAMLs set it."""
-
-
-def model_seed(model_cfg) -> int:
-    """The run's seed: ``model.seed`` of the config (the YAML's, or the checkpoint's), else NeMo's default."""
-    return int(model_cfg.get("seed", NEMO_DEFAULT_SEED))

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nemo_aligner.utils.config import NEMO_DEFAULT_SEED, model_seed
 from nemo_aligner.utils.cpu_support import apply_cpu_support, bind_local_device, process_group_backend
+from nemo_aligner.utils.seeds import NEMO_DEFAULT_SEED, model_seed
 from nemo_aligner.utils.timers import RunTimer
 
 # NeMo-Aligner's name for the run's time limit (``Timer(cfg.exp_manager.max_time_per_run)``).

@@ -48,6 +48,33 @@ def test_every_documented_name_imports(module, name, status):
     assert namespace[name] is not None
 
 
+METHOD_ROW = re.compile(r"^\| `(\w+)` \| `(\w+)` \| (same|thin entry|refused)", re.MULTILINE)
+CLASSES = {
+    "MegatronGPTDPOModel": "nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model",
+    "MegatronGPTSPINModel": "nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model",
+    "BaseTrainer": "nemo_aligner.algorithms.base",
+    "SPINTrainer": "nemo_aligner.algorithms.spin",
+    "SelfRewardingTrainer": "nemo_aligner.algorithms.self_rewarding",
+}
+
+
+@pytest.mark.parametrize("cls_name,name,status", METHOD_ROW.findall(DOC.read_text(encoding="utf-8")))
+def test_every_documented_method_exists_and_refusals_say_what_to_use(cls_name, name, status):
+    import importlib
+
+    cls = getattr(importlib.import_module(CLASSES[cls_name]), cls_name)
+    assert hasattr(cls, name)
+    if status == "refused":
+        with pytest.raises(NotImplementedError, match=f"{name} .* is not provided: .+"):
+            getattr(object.__new__(cls), name)(None)
+
+
+def test_the_method_table_lists_the_issues_names():
+    rows = {(cls_name, name) for cls_name, name, _ in METHOD_ROW.findall(DOC.read_text(encoding="utf-8"))}
+    assert len(rows) == 22
+    assert {("SPINTrainer", "augment_dataloader"), ("SelfRewardingTrainer", "get_elo_scores")} <= rows
+
+
 def pair(index: int, prompt: list[int], chosen: list[int], rejected: list[int]) -> dict:
     return {
         "chosen_ids": torch.tensor(prompt + chosen),
