@@ -145,14 +145,16 @@ def start_process_group(timeout_minutes: int = 30, rank_info: RankInfo | None = 
     return info
 
 
+def model_parallel_sizes(model_cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """``(tensor_model_parallel_size, pipeline_model_parallel_size)`` of a model config (absent or null: 1)."""
+    keys = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+    return tuple(int(model_cfg.get(key, 1) or 1) for key in keys)
+
+
 def set_model_parallel_from_config(model_cfg: Mapping[str, Any]) -> None:
     """Initialise megatron-core's parallel state (TP/PP/DP groups, RNG streams) for a model config: the launcher's
     step before anything needs it (data sharding, building the model). Again with the same sizes: re-seeds only."""
-    initialize_distributed(
-        tensor_model_parallel_size=model_cfg.get("tensor_model_parallel_size", 1) or 1,
-        pipeline_model_parallel_size=model_cfg.get("pipeline_model_parallel_size", 1) or 1,
-        seed=model_seed(model_cfg),
-    )
+    initialize_distributed(*model_parallel_sizes(model_cfg), seed=model_seed(model_cfg))
 
 
 def initialize_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_size: int, seed: int) -> None:
@@ -183,12 +185,12 @@ def initialize_model_parallel(tensor_model_parallel_size: int, pipeline_model_pa
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def require_model_parallel(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
-    """Raise unless megatron-core's parallel state is initialised at these TP/PP sizes (a model is built inside the
-    parallel state its launcher set up; it never sets it up itself)."""
+def require_model_parallel(model_cfg: Mapping[str, Any]) -> None:
+    """Raise unless megatron-core's parallel state is initialised at the model config's TP/PP sizes (a model is
+    built inside the parallel state its launcher set up; it never sets it up itself)."""
     from megatron.core import parallel_state
 
-    wanted = (tensor_model_parallel_size, pipeline_model_parallel_size)
+    wanted = model_parallel_sizes(model_cfg)
     if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
         raise RuntimeError(
             f"megatron-core's parallel state is not initialised: the launcher sets it up before a model is built "

@@ -105,8 +105,7 @@ def init_distributed(trainer, model, transformer_engine: bool = False) -> None:
     """NeMo-Aligner's step after building the model: here parallel state is already set (by
     :func:`resolve_and_create_trainer`), so this checks that the model was built at its ``model.cfg`` sizes and
     re-seeds the model-parallel RNG streams. ``transformer_engine`` comes from the model config; it is accepted."""
-    sizes = [model.cfg.get(key, 1) or 1 for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size")]
-    require_model_parallel(*sizes)
+    require_model_parallel(model.cfg)
     set_model_parallel_from_config(model.cfg)
 
 

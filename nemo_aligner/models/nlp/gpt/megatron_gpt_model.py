@@ -96,9 +96,7 @@ class MegatronGPTModel(LightningModule):
         self.seed = model_seed(cfg)
         # megatron-core's parallel state is the launcher's (recipes.common, or initialize_distributed in a script):
         # the model is built inside it and only checks that it fits this config.
-        require_model_parallel(
-            cfg.get("tensor_model_parallel_size", 1) or 1, cfg.get("pipeline_model_parallel_size", 1) or 1
-        )
+        require_model_parallel(cfg)
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.tokenizer)
         self._artifact_dir: str | None = None  # owned copy of a restored checkpoint's tokenizer files
         self.padded_vocab_size = cfg.get("override_vocab_size") or padded_vocab_size(
