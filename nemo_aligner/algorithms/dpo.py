@@ -10,6 +10,7 @@ them per step in the model.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -127,11 +128,11 @@ class DPOTrainer(BaseTrainer):
             self.train_dataloader, first_epoch_steps, self.max_steps > first_epoch_steps
         )
         train_name = f"train-{fingerprint({**settings, 'steps': self.max_steps}, train_ds.paths)}.pt"
-        val_name = f"validation-{fingerprint(settings, val_ds.paths)}.pt"
+        # Only the batches validation uses (limit_val_batches), which are the same at every validation.
+        val_batches = itertools.islice(self.val_dataloader, self.val_batches)
+        val_name = f"validation-{fingerprint({**settings, 'batches': self.val_batches}, val_ds.paths)}.pt"
         reference.set_table("train", load_or_compute_reference(self.model, train_batches, _in(cache_dir, train_name)))
-        reference.set_table(
-            "validation", load_or_compute_reference(self.model, self.val_dataloader, _in(cache_dir, val_name))
-        )
+        reference.set_table("validation", load_or_compute_reference(self.model, val_batches, _in(cache_dir, val_name)))
 
     def prepare_batch(self, batch: Mapping[str, Any], training: bool) -> Mapping[str, Any]:
         reference = self.model.reference
