@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -343,8 +342,7 @@ class GenerationEvaluator:
     * ``response_length``: mean number of generated tokens (an end token included);
     * ``unfinished_fraction``: share of responses that hit ``max_length`` without an end string;
     * ``judge_score`` (with a ``judge``: Self-Rewarding's) mean valid score of the responses, and
-      ``judge_unparseable_fraction``;
-    * ``evaluation_time_s``: seconds the evaluation took (its cost).
+      ``judge_unparseable_fraction``.
 
     Sampling (``use_greedy: false``) draws each prompt's response with the same key at every evaluation.
     """
@@ -371,7 +369,6 @@ class GenerationEvaluator:
         from nemo_aligner.utils.distributed import union_over_data_parallel
         from nemo_aligner.utils.seeds import sample_seed
 
-        started = time.perf_counter()
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
         mine = list(range(self.num_prompts))[dp_rank::dp_size]
@@ -400,7 +397,6 @@ class GenerationEvaluator:
             valid = [r["score"] for r in results if r.get("score") is not None]
             metrics["judge_score"] = sum(valid) / len(valid) if valid else float("nan")
             metrics["judge_unparseable_fraction"] = 1.0 - len(valid) / count
-        metrics["evaluation_time_s"] = time.perf_counter() - started
         return metrics
 
 

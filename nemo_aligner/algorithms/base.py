@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -305,10 +306,15 @@ class BaseTrainer:
             return {}
         metrics = self.evaluation_report.latest(self.step)
         if metrics is None:
+            started = time.perf_counter()
             metrics = self.evaluator.evaluate(self.model, judge=self.evaluation_judge)
+            seconds = time.perf_counter() - started  # its cost, a wall-clock phase timer like the rollout's
             self.log(metrics, self.metric_prefix_val)
-        where = {"epoch": self.epoch, "iteration": getattr(self, "iteration", 0)}
-        self.evaluation_report.record(self.step, label, metrics, **where)
+            self.log({"timers/evaluation_s": seconds}, self.metric_prefix_train)
+            where = {"epoch": self.epoch, "iteration": getattr(self, "iteration", 0), "seconds": seconds}
+            self.evaluation_report.record(self.step, label, metrics, **where)
+        else:
+            self.evaluation_report.record(self.step, label, metrics)
         return metrics
 
     def finish_evaluation(self) -> None:

@@ -134,7 +134,7 @@ class IterativeTrainer(BaseTrainer):
     def announce_iteration_end(self) -> None:
         """Log the iteration's end (with its held-out evaluation when enabled)."""
         metrics = self.run_evaluation(f"iteration {self.iteration + 1}")
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "evaluation_time_s")
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         logger.info("Iteration %d/%d done at step %d%s", *self.iteration_of(), self.step, f": {shown}" if shown else "")
 
     def finish_iteration(self) -> None:

@@ -75,7 +75,7 @@ def summary_text(
     if hasattr(loop, "max_iterations"):
         lines[0] += f", iteration {min(loop.iteration + 1, loop.max_iterations)}/{loop.max_iterations}"
     lines[0] += f", wall time {_duration(wall_seconds)}"
-    final = {k: v for k, v in loop.last_val_metrics.items() if k != "evaluation_time_s"}
+    final = loop.last_val_metrics
     if final:
         lines.append("  final validation: " + ", ".join(f"{k}={_number(v)}" for k, v in final.items()))
     report = Path(log_dir) / REPORT_FILE
