@@ -109,6 +109,16 @@ def compose_config(config_dir: str | Path, config_name: str, overrides: Sequence
         return compose(config_name=config_name, overrides=list(overrides))
 
 
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """A config file (e.g. ``examples/nlp/gpt/conf/gpt_spin.yaml``) as a script would see it: its Hydra defaults
+    list applied, this package's resolvers (``${embedded_data:...}``, ``${int_div:...}``) registered, then
+    ``overrides``. Plain ``OmegaConf.load`` cannot resolve those interpolations."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    return compose_config(path.parent, path.stem, overrides)
+
+
 NEMO_DEFAULT_SEED = 1234
 """NeMo's ``model.seed``, for a model config without one (an HF-converted checkpoint's). The YAMLs set it."""
 

@@ -1,0 +1,129 @@
+"""Held-out generation evaluation during training (trainer.<algorithm>.evaluation), checked against an independent
+scorer, and what a run leaves: val/<metric> in every logger, evaluation.json, the summary, console.log, plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from examples.nlp.gpt.train_gpt_sft import main as sft_main
+from examples.nlp.gpt.train_gpt_spin import main as spin_main
+from nemo_aligner.evaluation import GenerationEvaluator, build_evaluator, format_table
+from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+from nemo_aligner.utils.config_validation import ConfigError
+from tests.evaluation.common import EVALUATION, independent_exact_match, validation_prompts
+from tests.functional.sft_runs import FAST_SFT, REPO, sft_config
+from tests.functional.test_spin import FAST_SPIN, spin_config
+
+
+@pytest.fixture(scope="module")
+def sft_model(tiny_sft_model):
+    return MegatronGPTModel.restore_from(tiny_sft_model).eval()
+
+
+def upper_case(text: str) -> str:
+    """A user normaliser for the test (``tests.evaluation.test_generation_evaluation:upper_case``)."""
+    return text.upper()
+
+
+def test_exact_match_equals_an_independent_scorer(sft_model):
+    prompts = validation_prompts(sft_model.tokenizer)
+    evaluator = build_evaluator(EVALUATION, prompts, sft_model.tokenizer, seed=1234)
+    metrics = evaluator.evaluate(sft_model)
+
+    expected = independent_exact_match(sft_model, prompts, EVALUATION["num_prompts"], EVALUATION["max_length"])
+    assert metrics["exact_match"] == pytest.approx(expected, abs=1e-12)
+    assert 0.0 < expected < 1.0  # the model gets some right and some wrong: the comparison can tell them apart
+    assert 1.0 <= metrics["response_length"] <= EVALUATION["max_length"]
+    assert 0.0 <= metrics["unfinished_fraction"] <= 1.0
+
+    # A user normaliser applies to both sides (the same score here); one that maps everything alike scores 1.
+    same = build_evaluator({**EVALUATION, "normalizer": f"{__name__}:upper_case"}, prompts, sft_model.tokenizer, 1)
+    assert same.evaluate(sft_model)["exact_match"] == pytest.approx(expected, abs=1e-12)
+    evaluator_all = GenerationEvaluator(evaluator.cfg, prompts, sft_model.tokenizer, 1)
+    evaluator_all.normalize = lambda text: ""
+    assert evaluator_all.evaluate(sft_model)["exact_match"] == 1.0
+
+
+def test_the_judge_score_is_the_mean_of_valid_scores(sft_model):
+    prompts = validation_prompts(sft_model.tokenizer)
+    evaluator = build_evaluator({**EVALUATION, "num_prompts": 6}, prompts, sft_model.tokenizer, seed=1234)
+    seen = {}
+
+    def judge(prompt_ids, responses):  # a stand-in judge: the response length, none for index 0
+        seen.update(responses)
+        return {i: (None if i == 0 else float(len(r))) for i, r in responses.items()}
+
+    metrics = evaluator.evaluate(sft_model, judge=judge)
+    lengths = [len(seen[i]) for i in range(1, 6)]
+    assert sorted(seen) == list(range(6))
+    assert metrics["judge_score"] == pytest.approx(sum(lengths) / 5)
+    assert metrics["judge_unparseable_fraction"] == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.sft.evaluation.normalizer=no_such_module:f", "trainer.sft.evaluation.normalizer"),
+        ("trainer.sft.evaluation.num_prompts=0", "trainer.sft.evaluation.num_prompts"),
+        ("trainer.sft.evaluation.metric=bleu", "trainer.sft.evaluation.metric"),
+        ("trainer.sft.evaluation.sampling.top_k=-1", "trainer.sft.evaluation.sampling"),
+    ],
+)
+def test_bad_evaluation_settings_are_refused_before_training(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        sft_main(sft_config(tmp_path, *FAST_SFT, override))
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_an_sft_run_reports_its_evaluations(tmp_path, caplog):
+    sft_main(sft_config(tmp_path, *FAST_SFT, "trainer.sft.evaluation.num_prompts=24"))
+
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    steps = [e["step"] for e in report["evaluations"]]
+    assert steps == [0, 3, 6, 8] and report["num_prompts"] == 24
+    assert [e["label"] for e in report["evaluations"]][0] == "start" and report["evaluations"][-1]["end"]
+    # Every evaluation is logged as val/<metric> at its step (CSV; TensorBoard gets the same dict).
+    logged = {int(r["step"]): r for r in read_csv(tmp_path / "csv" / "metrics.csv") if r.get("val/exact_match")}
+    for entry in report["evaluations"]:
+        for name, value in entry["metrics"].items():
+            assert float(logged[entry["step"]][f"val/{name}"]) == pytest.approx(value, rel=1e-6)
+    # The end of the run: the summary with the table and paths, kept in console.log; plots.
+    summary = next(r.message for r in caplog.records if r.message.startswith("Run summary"))
+    summary_lines = [line.strip() for line in summary.splitlines()]
+    assert all(line.strip() in summary_lines for line in format_table(report).splitlines())
+    assert "megatron_gpt_sft.nemo" in summary and "wall time" in summary
+    assert "Run summary" in (tmp_path / "console.log").read_text()
+    plots = json.loads((tmp_path / "plots" / "plots.json").read_text())
+    assert [p for p in plots["panels"]["evaluation"]["series"]["val/exact_match"]["step"]] == steps
+
+
+def test_spin_reports_the_start_and_each_iteration_and_the_table_command_prints_it(tmp_path, tiny_sft_model, caplog):
+    spin_main(spin_config(tmp_path, tiny_sft_model, *FAST_SPIN, "trainer.spin.evaluation.num_prompts=24"))
+
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert [(e["label"], e["step"]) for e in report["evaluations"]] == [
+        ("start", 0),
+        ("iteration 1", 3),
+        ("iteration 2", 6),
+    ]
+    messages = [r.message for r in caplog.records]
+    for text in ("Iteration 1/2: rollout started", "Iteration 2/2: rollout done", "Iteration 2/2 done at step 6"):
+        assert any(text in m for m in messages), text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # the tiny config's defaults warn of nothing
+    # The README's last command prints the table from evaluation.json: the same numbers.
+    printed = subprocess.run(
+        [sys.executable, "-m", "nemo_aligner.evaluation", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
+    assert printed.returncode == 0, printed.stderr
+    rows = printed.stdout.strip().splitlines()[2:]
+    for row, entry in zip(rows, report["evaluations"], strict=True):
+        assert float(row.split()[-3]) == pytest.approx(entry["metrics"]["exact_match"], abs=5e-5)
