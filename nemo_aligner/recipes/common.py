@@ -26,7 +26,6 @@ from nemo_aligner.utils.config import model_seed, register_resolvers
 from nemo_aligner.utils.config_validation import (
     ConfigChecker,
     check_checkpoint_architecture,
-    check_evaluation,
     check_finite_numbers,
     check_loop,
     check_model_parallel,
@@ -208,7 +207,7 @@ def start_experiment(
 ) -> Run:
     """The experiment directory (resume point, checkpoints) and the loggers of a launched, checked run."""
     experiment = exp_manager(trainer, cfg.exp_manager)
-    from nemo_aligner.utils.run_summary import keep_console_log
+    from nemo_aligner.recipes.summary import keep_console_log
 
     keep_console_log(experiment.log_dir)
     return Run(cfg, loop_key, trainer, restore_path, model_cfg, experiment, CustomLoggerWrapper(trainer.loggers))
@@ -288,6 +287,30 @@ def assemble(
     return loop
 
 
+def check_evaluation(checker: ConfigChecker, loop: str) -> None:
+    """``trainer.<loop>.evaluation`` (held-out generation evaluation), when enabled."""
+    prefix = f"trainer.{loop}.evaluation"
+    if not checker.boolean(f"{prefix}.enabled"):
+        return
+    from nemo_aligner.evaluation import METRICS, evaluation_sampling_params, load_normalizer
+    from nemo_aligner.generation import SamplingParams
+
+    checker.integer(f"{prefix}.num_prompts", minimum=1)
+    checker.integer(f"{prefix}.max_length", minimum=1)
+    checker.integer(f"{prefix}.batch_size", minimum=1, required=False)
+    checker.choice(f"{prefix}.metric", METRICS, required=False)
+    try:
+        load_normalizer(checker.get(f"{prefix}.normalizer"))
+    except ValueError as err:
+        checker.add(f"{prefix}.normalizer", str(err))
+    sampling = checker.get(f"{prefix}.sampling")
+    try:
+        plain = OmegaConf.to_container(sampling, resolve=True) if isinstance(sampling, DictConfig) else sampling
+        SamplingParams.from_config(evaluation_sampling_params(plain))
+    except (ValueError, TypeError) as err:
+        checker.add(f"{prefix}.sampling", str(err))
+
+
 def attach_evaluation(run: Run, loop, data: TrainingData) -> None:
     """The held-out generation evaluation (``trainer.<algorithm>.evaluation``) on the validation set's prompts (a
     preference set's chosen responses are its answers), reported in ``<log dir>/evaluation.json``."""
@@ -305,8 +328,8 @@ def attach_evaluation(run: Run, loop, data: TrainingData) -> None:
 
 def train(run: Run, loop, after_fit: Callable[[], None] | None = None) -> None:
     """Train, ``after_fit()`` (e.g. a LoRA run's merged export), then the end of a run: plots of the logged metrics
-    and the summary (``utils/run_summary.py``)."""
-    from nemo_aligner.utils.run_summary import finish_run
+    and the summary (``recipes/summary.py``)."""
+    from nemo_aligner.recipes.summary import finish_run
 
     loop.fit()
     if after_fit is not None:

@@ -328,27 +328,3 @@ def clamp_lengths_to_context(
             parent, _, leaf = key.rpartition(".")
             with open_dict(cfg):
                 OmegaConf.select(cfg, parent)[leaf] = context
-
-
-def check_evaluation(checker: ConfigChecker, loop: str) -> None:
-    """``trainer.<loop>.evaluation`` (held-out generation evaluation), when enabled."""
-    prefix = f"trainer.{loop}.evaluation"
-    if not checker.boolean(f"{prefix}.enabled"):
-        return
-    from nemo_aligner.evaluation import METRICS, evaluation_sampling_params, load_normalizer
-    from nemo_aligner.generation import SamplingParams
-
-    checker.integer(f"{prefix}.num_prompts", minimum=1)
-    checker.integer(f"{prefix}.max_length", minimum=1)
-    checker.integer(f"{prefix}.batch_size", minimum=1, required=False)
-    checker.choice(f"{prefix}.metric", METRICS, required=False)
-    try:
-        load_normalizer(checker.get(f"{prefix}.normalizer"))
-    except ValueError as err:
-        checker.add(f"{prefix}.normalizer", str(err))
-    sampling = checker.get(f"{prefix}.sampling")
-    try:
-        plain = OmegaConf.to_container(sampling, resolve=True) if isinstance(sampling, DictConfig) else sampling
-        SamplingParams.from_config(evaluation_sampling_params(plain))
-    except (ValueError, TypeError) as err:
-        checker.add(f"{prefix}.sampling", str(err))
