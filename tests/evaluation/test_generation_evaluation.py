@@ -10,14 +10,28 @@ import sys
 
 import pytest
 
+from examples.nlp.gpt.train_gpt_dpo import main as dpo_main
 from examples.nlp.gpt.train_gpt_sft import main as sft_main
 from examples.nlp.gpt.train_gpt_spin import main as spin_main
 from nemo_aligner.evaluation import GenerationEvaluator, build_evaluator, format_table
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.utils.config_validation import ConfigError
 from tests.evaluation.common import EVALUATION, independent_exact_match, validation_prompts
+from tests.functional.dpo_runs import FAST_DPO, dpo_config
 from tests.functional.sft_runs import FAST_SFT, REPO, sft_config
 from tests.functional.test_spin import FAST_SPIN, spin_config
+
+EVALUATION_GREEDY = {
+    "use_greedy": True,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "end_strings": ["<|endoftext|>", "<extra_id_1>"],
+    "add_BOS": False,
+    "all_probs": False,
+    "compute_logprob": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +141,24 @@ def test_spin_reports_the_start_and_each_iteration_and_the_table_command_prints_
     rows = printed.stdout.strip().splitlines()[2:]
     for row, entry in zip(rows, report["evaluations"], strict=True):
         assert float(row.split()[-3]) == pytest.approx(entry["metrics"]["exact_match"], abs=5e-5)
+
+
+def test_dpo_scores_the_validation_prompts_against_the_chosen_responses(tmp_path, tiny_sft_model, sft_model):
+    evaluation = ["trainer.dpo.evaluation.enabled=true", "trainer.dpo.evaluation.num_prompts=16"]
+    dpo_main(dpo_config(tmp_path, tiny_sft_model, *FAST_DPO, *evaluation, "trainer.dpo.evaluation.max_length=24"))
+
+    report = json.loads((tmp_path / "evaluation.json").read_text())
+    assert [(e["label"], e["step"]) for e in report["evaluations"]] == [("start", 0), ("step 3", 3)]
+    # The start is the SFT model: scored by hand on the same prompts against the chosen responses of the file.
+    from nemo_aligner.data import embedded
+
+    with (embedded.EMBEDDED_DIR / "dpo_validation.jsonl").open() as f:
+        lines = [json.loads(line) for line, _ in zip(f, range(16))]
+    tokenizer = sft_model.tokenizer
+    hits = 0
+    for line in lines:
+        prompt = tokenizer.text_to_ids(line["prompt"])
+        output = sft_model.generate([prompt], EVALUATION_GREEDY, {"max_length": 24, "min_length": 0})
+        text = tokenizer.ids_to_text(output.response_ids[0]).split("<extra_id_1>")[0]
+        hits += text.strip() == line["chosen_response"].split("<extra_id_1>")[0].strip()
+    assert report["evaluations"][0]["metrics"]["exact_match"] == pytest.approx(hits / 16)
