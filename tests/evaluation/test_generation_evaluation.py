@@ -162,3 +162,22 @@ def test_dpo_scores_the_validation_prompts_against_the_chosen_responses(tmp_path
         text = tokenizer.ids_to_text(output.response_ids[0]).split("<extra_id_1>")[0]
         hits += text.strip() == line["chosen_response"].split("<extra_id_1>")[0].strip()
     assert report["evaluations"][0]["metrics"]["exact_match"] == pytest.approx(hits / 16)
+
+
+def test_log_lines_land_on_their_own_line_while_the_progress_bar_is_drawn():
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from nemo_aligner.utils.config import ProgressBarSafeHandler
+
+    stream = io.StringIO()
+    log = logging.getLogger("tests.progress_bar_safe")
+    log.propagate = False
+    log.addHandler(ProgressBarSafeHandler(stream))
+    with tqdm(total=3, file=stream, desc="train") as bar:
+        bar.update(1)
+        log.warning("Saved checkpoint step=1")
+        bar.update(1)
+    assert "Saved checkpoint step=1" in stream.getvalue().replace("\r", "\n").splitlines()
