@@ -441,6 +441,7 @@ class EvaluationReport:
         if self.entries and self.entries[-1]["step"] == step:
             if label.startswith("iteration"):
                 self.entries[-1]["label"] = label
+                self.write()
             return
         self.entries.append({"label": label, "step": int(step), **where, "metrics": dict(metrics)})
         self.write()
