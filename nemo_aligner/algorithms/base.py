@@ -318,7 +318,8 @@ class BaseTrainer:
         return metrics
 
     def finish_evaluation(self) -> None:
-        if self.evaluator is not None:
+        """The last evaluation of a finished run is marked as its end (not that of a run stopped early)."""
+        if self.evaluator is not None and self.step >= self.max_steps:
             self.evaluation_report.finish()
 
     def save(self, extra_candidates: Mapping[str, Any] | None = None, is_train_end: bool = False) -> None:

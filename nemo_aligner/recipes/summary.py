@@ -75,6 +75,8 @@ def summary_text(
     if hasattr(loop, "max_iterations"):
         lines[0] += f", iteration {min(loop.iteration + 1, loop.max_iterations)}/{loop.max_iterations}"
     lines[0] += f", wall time {_duration(wall_seconds)}"
+    if loop.step < loop.max_steps:
+        lines[0] += " (stopped before the end: run the same command again to resume)"
     final = loop.last_val_metrics
     if final:
         lines.append("  final validation: " + ", ".join(f"{k}={_number(v)}" for k, v in final.items()))
