@@ -22,7 +22,7 @@ from lightning.pytorch import Trainer
 from megatron.core import parallel_state
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nemo_aligner.utils.config import register_resolvers
+from nemo_aligner.utils.config import model_seed, register_resolvers
 from nemo_aligner.utils.config_validation import (
     ConfigChecker,
     check_checkpoint_architecture,
