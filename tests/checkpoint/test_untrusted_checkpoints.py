@@ -264,7 +264,7 @@ def test_resuming_entry_script_refuses_before_building_anything(tmp_path, one_st
     monkeypatch.setattr(MegatronGPTModel, "__init__", lambda *a, **k: pytest.fail("a model was built"))
     overrides = [f"exp_manager.explicit_log_dir={tmp_path / 'results'}", "trainer.sft.max_steps=2"]
     with pytest.raises(ValueError, match=r"exp_manager\.resume_if_exists: cannot resume from .*refusing to unpickle"):
-        main(compose_config(SCRIPTS / "conf", "gpt_sft", overrides))
+        main(compose_config(SCRIPTS / "conf", "gpt_sft_tiny", overrides))
     assert not marker.exists()
 
 

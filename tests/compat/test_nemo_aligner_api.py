@@ -126,7 +126,7 @@ def test_nemo_aligner_sft_dataset_call_equals_ours():
 
     cfg = compose_config(SCRIPTS / "conf", "gpt_spin", [])
     OmegaConf.resolve(cfg)
-    tokenizer = build_tokenizer(compose_config(SCRIPTS / "conf", "gpt_sft", []).model.tokenizer)  # the default's
+    tokenizer = build_tokenizer(compose_config(SCRIPTS / "conf", "gpt_sft_tiny", []).model.tokenizer)  # the default's
     split = cfg.model.data.validation_ds
     theirs = builders.build_sft_dataset(
         split, tokenizer, None, answer_only_loss=True, is_chat=True, special_tokens=cfg.model.data.chat_prompt_tokens
@@ -147,7 +147,7 @@ def untrained_default_model(tmp_path_factory) -> Path:
     for any weights)."""
     from nemo_aligner.models.nlp.gpt.gpt_sft_model import GPTSFTModel
 
-    cfg = compose_config(SCRIPTS / "conf", "gpt_sft", [])
+    cfg = compose_config(SCRIPTS / "conf", "gpt_sft_tiny", [])
     OmegaConf.resolve(cfg)
     path = tmp_path_factory.mktemp("untrained") / "tiny.nemo"
     GPTSFTModel(cfg.model).save_to(path)

@@ -64,7 +64,7 @@ ROLLOUT = [
 ALGORITHMS = {
     "sft": (
         "train_gpt_sft",
-        "gpt_sft",
+        "gpt_sft_tiny",
         "sft",
         [
             "trainer.sft.max_steps=4",
@@ -325,7 +325,7 @@ def matrix(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("matrix")
     start = root / "start.nemo"
-    model_cfg = compose_config(SCRIPTS / "conf", "gpt_sft").model
+    model_cfg = compose_config(SCRIPTS / "conf", "gpt_sft_tiny").model
     model = MegatronGPTModel(model_cfg)
     perturb_(model, seed=11)
     model.save_to(start)

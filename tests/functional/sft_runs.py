@@ -12,7 +12,7 @@ from nemo_aligner.utils.config import compose_config
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "examples" / "nlp" / "gpt"
 
-# A small, fast version of the embedded default (the architecture of gpt_sft.yaml, fewer steps).
+# A small, fast version of the embedded default (the architecture of gpt_sft_tiny.yaml, fewer steps).
 FAST_SFT = [
     "trainer.sft.max_steps=8",
     "trainer.sft.val_check_interval=3",
@@ -25,7 +25,7 @@ FAST_SFT = [
 
 
 def sft_config(log_dir: Path, *overrides: str):
-    return compose_config(SCRIPTS / "conf", "gpt_sft", [f"exp_manager.explicit_log_dir={log_dir}", *overrides])
+    return compose_config(SCRIPTS / "conf", "gpt_sft_tiny", [f"exp_manager.explicit_log_dir={log_dir}", *overrides])
 
 
 def run_sft_subprocess(log_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -35,7 +35,7 @@ SKIP = ["non_finite.policy=skip", "non_finite.max_consecutive_skips=3"]
 
 TRAINERS = {
     "sft": {
-        "config": "gpt_sft",
+        "config": "gpt_sft_tiny",
         "module": "train_gpt_sft",
         "model": "nemo_aligner.models.nlp.gpt.gpt_sft_model.GPTSFTModel",
         "nemo": "megatron_gpt_sft.nemo",
@@ -252,7 +252,7 @@ def test_a_diverging_run_stops_by_default_and_keeps_its_last_good_checkpoint(tmp
     log_dir = tmp_path / "diverged"
     cfg = compose_config(
         SCRIPTS / "conf",
-        "gpt_sft",
+        "gpt_sft_tiny",
         [f"exp_manager.explicit_log_dir={log_dir}", "trainer.sft.max_steps=4", *TINY_SFT, *lr_too_high],
     )
     with pytest.raises(NonFiniteError, match="step 2: non-finite gradient norm") as info:
@@ -300,7 +300,7 @@ def test_second_run_on_a_directory_fails_naming_the_first_and_a_killed_run_resum
 
     overrides = [f"exp_manager.explicit_log_dir={log_dir}", *command[3:], f"trainer.sft.max_steps={saved + 1}"]
     with _captured_log("nemo_aligner") as records:
-        main(compose_config(SCRIPTS / "conf", "gpt_sft", overrides))
+        main(compose_config(SCRIPTS / "conf", "gpt_sft_tiny", overrides))
     assert any(f"Resumed at step {saved} " in r.getMessage() for r in records)
     assert read_trainer_state(list_checkpoints(log_dir / "checkpoints")[-1])["step"] == saved + 1
     assert not (log_dir / "run.lock").exists()
@@ -318,7 +318,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_a_finished_run_says_so(tmp_path):
     assert read_trainer_state(checkpoint)["step"] == 2
     assert not (log_dir / "run.lock").exists()
     # In-process from here (same command, no start-up cost): the resumed run finishes, a rerun says it is finished.
-    cfg = compose_config(SCRIPTS / "conf", "gpt_sft", [f"exp_manager.explicit_log_dir={log_dir}", *steps])
+    cfg = compose_config(SCRIPTS / "conf", "gpt_sft_tiny", [f"exp_manager.explicit_log_dir={log_dir}", *steps])
     from examples.nlp.gpt.train_gpt_sft import main
 
     main(cfg.copy())
@@ -367,7 +367,7 @@ def guard_on_two_ranks(log_dir: str) -> dict:
         *[_substitute(o, Path()) for o in TRAINERS["sft"]["overrides"]],
         "trainer.sft.val_check_interval=100",
     ]
-    cfg = compose_config(SCRIPTS / "conf", "gpt_sft", overrides)
+    cfg = compose_config(SCRIPTS / "conf", "gpt_sft_tiny", overrides)
     rank = int(os.environ["RANK"])
     with pytest.MonkeyPatch.context() as patch:
         inject(patch, GPTSFTModel, {2: ("loss", NAN)} if rank == 1 else {})

@@ -20,7 +20,7 @@ EMBEDDED = REPO / "nemo_aligner" / "data" / "embedded"
 NODES, GPUS_PER_NODE = 4, 8
 # script -> (entry script, config, training data, validation data, scale-down suffix for one CPU process)
 SCRIPTS_UNDER_TEST = {
-    "sft": ("train_gpt_sft.py", "gpt_sft", "chat_train.jsonl", "chat_validation.jsonl", ["trainer.sft.max_steps=2"]),
+    "sft": ("train_gpt_sft.py", "gpt_sft_tiny", "chat_train.jsonl", "chat_validation.jsonl", ["trainer.sft.max_steps=2"]),
     "dpo": ("train_gpt_dpo.py", "gpt_dpo", "dpo_train.jsonl", "dpo_validation.jsonl", ["model.global_batch_size=4"]),
     "spin": (
         "train_gpt_spin.py",

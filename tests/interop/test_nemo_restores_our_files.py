@@ -161,7 +161,7 @@ def write_training_runs(root: Path) -> dict[str, Path]:
     sft = root / "sft"
     _run(
         "train_gpt_sft",
-        "gpt_sft",
+        "gpt_sft_tiny",
         [
             f"exp_manager.explicit_log_dir={sft}",
             "trainer.sft.max_steps=2",
