@@ -100,6 +100,8 @@ DPO = Job(
         "model.optim.lr=1e-4",
         "model.optim.sched.name=Constant",
         "exp_manager.checkpoint_callback_params.save_top_k=1",
+        "trainer.precision=32",  # gpt_dpo.yaml is bf16 + megatron_amp_O2 (GPU); fp32 on the CPU
+        "model.megatron_amp_O2=false",
     ),
     "megatron_gpt_dpo.nemo",
     (

@@ -21,6 +21,7 @@ from lightning.pytorch import Trainer
 from megatron.core import parallel_state
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nemo_aligner.models.nlp.gpt.lora import load_lora_adapters, merge_lora_adapters, save_lora_adapters
 from nemo_aligner.utils.config import model_seed, register_resolvers
 from nemo_aligner.utils.config_keys import apply_aliases, warn_no_effect
 from nemo_aligner.utils.config_validation import (
@@ -32,7 +33,6 @@ from nemo_aligner.utils.config_validation import (
     check_optimizer,
     check_resume_checkpoint,
 )
-from nemo_aligner.models.nlp.gpt.lora import load_lora_adapters, merge_lora_adapters, save_lora_adapters
 from nemo_aligner.utils.distributed import RankInfo, initialize_distributed
 from nemo_aligner.utils.exp_manager import CheckpointCallback, CustomLoggerWrapper, Experiment, RunTimer, exp_manager
 from nemo_aligner.utils.utils import build_tokenizer_for, load_checkpoint_model_config, merge_over_checkpoint_config
@@ -166,7 +166,9 @@ def validate_common(checker: ConfigChecker, loop: str, world_size: int) -> int:
     if loop in ("dpo", "sft"):
         checker.choice("model.peft.peft_scheme", ("none", "lora"), required=False)
     elif (checker.get("model.peft.peft_scheme") or "none") != "none":
-        checker.add("model.peft.peft_scheme", f"LoRA is supported by SFT and DPO, not by trainer.{loop}: set it to none")
+        checker.add(
+            "model.peft.peft_scheme", f"LoRA is supported by SFT and DPO, not by trainer.{loop}: set it to none"
+        )
     max_time = checker.get("exp_manager.max_time_per_run")
     if max_time is not None:
         try:

@@ -113,9 +113,7 @@ def _without(overrides: Sequence[str], added: Sequence[str]) -> list[str]:
 
     new_keys = added_keys(added)
     return [
-        o
-        for o in overrides
-        if o not in added and not any(o.split("=", 1)[0].startswith(k + ".") for k in new_keys)
+        o for o in overrides if o not in added and not any(o.split("=", 1)[0].startswith(k + ".") for k in new_keys)
     ]
 
 

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _LOADER = "data loading is the library's own"
 _ONE_SAMPLE_PER_ROW = "one sample per row here: no end-of-document position or mask resets"
+_RUN_DATA_WINS = "the run's model.data always replaces the checkpoint's"
 
 
 def _model_parallel_size(cfg: DictConfig) -> int:
@@ -69,12 +70,9 @@ NO_EFFECT: dict[str, tuple[Any, str]] = {
     "model.data.reset_attention_mask": (False, _ONE_SAMPLE_PER_ROW),
     "model.data.eod_mask_loss": (False, _ONE_SAMPLE_PER_ROW),
     "model.data.dataloader_type": ("single", _LOADER),
-    "model.overwrite_base_config.data.data_prefix": (True, "the run's model.data always replaces the checkpoint's"),
-    "model.overwrite_base_config.data.train_ds.file_path": (True, "the run's model.data always replaces the checkpoint's"),
-    "model.overwrite_base_config.data.validation_ds.file_path": (
-        True,
-        "the run's model.data always replaces the checkpoint's",
-    ),
+    "model.overwrite_base_config.data.data_prefix": (True, _RUN_DATA_WINS),
+    "model.overwrite_base_config.data.train_ds.file_path": (True, _RUN_DATA_WINS),
+    "model.overwrite_base_config.data.validation_ds.file_path": (True, _RUN_DATA_WINS),
     "precision": (lambda cfg: cfg.trainer.get("precision"), "the model's precision is model.precision"),
 }
 for _split in ("train_ds", "validation_ds"):

@@ -22,6 +22,7 @@ from nemo_aligner.data.nlp.dpo_dataset import DPOCollate
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.distributed import initialize_distributed
 from nemo_aligner.utils.exp_manager import RunTimer
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import SCRIPTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,6 +169,7 @@ def test_the_spin_model_page_example_runs_verbatim(untrained_default_model):
         [
             f"pretrained_checkpoint.restore_from_path={untrained_default_model}",
             "model.spin.ref_policy_kl_penalty=[0.3,0.1]",
+            *FP32,
         ],
     )
     trainer = None

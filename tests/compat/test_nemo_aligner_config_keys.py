@@ -139,7 +139,9 @@ def test_an_added_key_no_code_reads_is_an_error_naming_it():
     with pytest.raises(ConfigError) as info:
         compose_config(CONF, "gpt_sft_tiny", ["+trainer.sft.max_stpes=3", "++model.optim.weight_decy=0.1"])
     message = str(info.value)
-    assert "trainer.sft.max_stpes: no code reads this key" in message and "did you mean trainer.sft.max_steps" in message
+    assert (
+        "trainer.sft.max_stpes: no code reads this key" in message and "did you mean trainer.sft.max_steps" in message
+    )
     assert "model.optim.weight_decy" in message and "model.optim.weight_decay" in message
     with pytest.raises(ConfigError, match=r"trainer\.dpo\.frobnicate: no code reads this key"):
         compose_config(CONF, "gpt_dpo", ["+trainer.dpo.frobnicate=1"])

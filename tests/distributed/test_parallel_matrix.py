@@ -39,6 +39,7 @@ from nemo_aligner.checkpoint.trainer_checkpoint import (
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.config_validation import ConfigChecker, check_model_parallel
 from tests.conftest import NEMO_FIXTURE_NAMES, NEMO_FIXTURES
+from tests.cpu_fp32 import FP32
 from tests.distributed.multiprocess import run_distributed
 from tests.functional.sft_runs import SCRIPTS
 from tests.generation.test_generate import GREEDY, SAMPLING, random_prompts
@@ -84,6 +85,7 @@ ALGORITHMS = {
             "trainer.dpo.val_check_interval=2",
             "trainer.dpo.limit_val_batches=1",
             "model.dpo.log_prob_forward_micro_batch_size=2",
+            *FP32,
         ],
     ),
     "spin": (

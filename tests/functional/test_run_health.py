@@ -25,6 +25,7 @@ from nemo_aligner.checkpoint.nemo_file import open_nemo, read_torch_dist_tensors
 from nemo_aligner.checkpoint.trainer_checkpoint import STATE_DIR, list_checkpoints, read_trainer_state
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.health import NonFiniteError
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import REPO, SCRIPTS, run_sft_subprocess
 from tests.functional.test_bad_inputs import CORPUS, repack
 
@@ -62,6 +63,7 @@ TRAINERS = {
             "trainer.dpo.max_epochs=2",
             "trainer.dpo.limit_val_batches=1",
             "model.dpo.reference=cpu_weight_swap",  # no reference precomputation over the whole data set
+            *FP32,
         ],
     },
     "spin": {

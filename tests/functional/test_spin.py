@@ -19,6 +19,7 @@ from nemo_aligner.data.nlp.builders import build_sft_dataset
 from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSPINModel
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.config_validation import ConfigError
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import REPO, SCRIPTS
 
 EMBEDDED = REPO / "nemo_aligner" / "data" / "embedded"
@@ -152,6 +153,7 @@ SCALE_DOWN = [
     "trainer.spin.limit_val_batches=1",
     "model.spin.length_params.max_length=32",
     "model.spin.rollout_micro_batch_size=8",
+    *FP32,
 ]
 
 
