@@ -74,6 +74,10 @@ NO_EFFECT: dict[str, tuple[Any, str]] = {
     "model.overwrite_base_config.data.train_ds.file_path": (True, _RUN_DATA_WINS),
     "model.overwrite_base_config.data.validation_ds.file_path": (True, _RUN_DATA_WINS),
     "precision": (lambda cfg: cfg.trainer.get("precision"), "the model's precision is model.precision"),
+    "model.data.validation_ds.micro_batch_size": (
+        lambda cfg: cfg.model.get("micro_batch_size"),
+        "validation runs in micro batches of model.micro_batch_size (a micro batch size changes memory, not results)",
+    ),
 }
 for _split in ("train_ds", "validation_ds"):
     NO_EFFECT[f"model.data.{_split}.memmap_workers"] = (None, f"{_LOADER} (model.data.num_workers)")

@@ -175,3 +175,84 @@ def test_command_line_config_name_and_overrides():
     argv = ["--config-name", "gpt_spin_tiny", "a.b=1", "+c=2", "-m", "--config-path=x", "++d.e=f=g"]
     assert _config_name_and_overrides(argv, "gpt_spin") == ("gpt_spin_tiny", ["a.b=1", "+c=2", "++d.e=f=g"])
     assert _config_name_and_overrides(["--config-name=gpt_sft_tiny"], "gpt_sft") == ("gpt_sft_tiny", [])
+
+
+# The defaults a ported command relies on (issue 15, point 4): equal to NeMo-Aligner's.
+PORTED_DEFAULTS = {
+    "sft": [
+        "trainer.precision",
+        "model.megatron_amp_O2",
+        "model.optim.name",
+        "model.optim.lr",
+        "trainer.sft.max_steps",
+        "trainer.sft.max_epochs",
+        "model.data.train_ds.global_batch_size",
+        "model.data.train_ds.micro_batch_size",
+        "model.data.chat",
+        "model.data.train_ds.add_eos",
+        "exp_manager.checkpoint_callback_params.save_top_k",
+    ],
+    "dpo": ["trainer.precision", "model.megatron_amp_O2", "exp_manager.checkpoint_callback_params.save_top_k"],
+    "spin": [
+        "trainer.precision",
+        "model.megatron_amp_O2",
+        "exp_manager.checkpoint_callback_params.save_top_k",
+        "model.optim.lr",
+        "model.optim.weight_decay",
+        "model.optim.sched.min_lr",
+    ],
+    "self_rewarding": [
+        "trainer.precision",
+        "model.megatron_amp_O2",
+        "exp_manager.checkpoint_callback_params.save_top_k",
+        "model.optim.lr",
+        "model.optim.weight_decay",
+        "model.optim.sched.min_lr",
+        "model.spin.log_prob_forward_micro_batch_size",
+        "model.spin.normalise_prompt",
+    ],
+}
+DOC = Path(__file__).resolve().parents[2] / "docs" / "coming_from_nemo_aligner.md"
+
+
+def resolved_values(algorithm: str) -> dict:
+    """key -> (NeMo-Aligner's value, ours), both resolved; keys whose recorded value cannot resolve alone (it
+    interpolates a key its file leaves commented out) or that are mandatory (``???``) are left out."""
+    theirs = OmegaConf.create({})
+    for key, value in RECORDED[algorithm]["keys"].items():
+        OmegaConf.update(theirs, key, value, force_add=True)
+    ours = compose_config(CONF, OUR_CONFIG[algorithm])
+    values = {}
+    for key, value in RECORDED[algorithm]["keys"].items():
+        try:
+            theirs_value = _plain_resolved(OmegaConf.select(theirs, key, throw_on_missing=True))
+        except Exception:  # noqa: BLE001 - an interpolation of a key NeMo-Aligner's file does not hold, or ???
+            continue
+        values[key] = (theirs_value, _plain_resolved(OmegaConf.select(ours, key)))
+    return values
+
+
+def _plain_resolved(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_the_defaults_a_ported_command_relies_on_are_nemo_aligners(algorithm):
+    values = resolved_values(algorithm)
+    for key in PORTED_DEFAULTS[algorithm]:
+        theirs, ours = values[key]
+        assert ours == theirs, f"{key}: ours {ours!r}, NeMo-Aligner's {theirs!r}"
+
+
+def test_every_remaining_difference_is_documented_with_its_reason():
+    text = DOC.read_text()
+    section = text[text.index("Values that still differ from NeMo-Aligner's") : text.index("Kept on purpose")]
+    undocumented = []
+    for algorithm in ALGORITHMS:
+        for key, (theirs, ours) in resolved_values(algorithm).items():
+            if theirs != ours and not any(
+                f"{part}`" in section or f"{part}," in section for part in key.split(".")[-2:]
+            ):
+                undocumented.append(f"{algorithm}: {key} ({theirs!r} there, {ours!r} here)")
+    assert undocumented == []
+    assert "exp_manager.name" in section and "megatron_gpt.nemo" in section  # the final model's name
