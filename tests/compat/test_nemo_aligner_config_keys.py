@@ -223,7 +223,7 @@ def resolved_values(algorithm: str) -> dict:
         OmegaConf.update(theirs, key, value, force_add=True)
     ours = compose_config(CONF, OUR_CONFIG[algorithm])
     values = {}
-    for key, value in RECORDED[algorithm]["keys"].items():
+    for key in RECORDED[algorithm]["keys"]:
         try:
             theirs_value = _plain_resolved(OmegaConf.select(theirs, key, throw_on_missing=True))
         except Exception:  # noqa: BLE001 - an interpolation of a key NeMo-Aligner's file does not hold, or ???
