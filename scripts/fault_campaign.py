@@ -242,9 +242,11 @@ def metrics_rows(log_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     with path.open(newline="") as file:
-        # Wall-clock phase timers (train/timers/*_s) differ between any two runs: everything else must be equal.
+        # Wall-clock values (train/timers/*_s, train/step_time, val/validation_step_time) differ between any two
+        # runs: everything else must be equal.
         return [
-            {k: v for k, v in row.items() if v not in ("", None) and "timers/" not in k} for row in csv.DictReader(file)
+            {k: v for k, v in row.items() if v not in ("", None) and "timers/" not in k and not k.endswith("_time")}
+            for row in csv.DictReader(file)
         ]
 
 

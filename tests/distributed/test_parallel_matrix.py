@@ -259,8 +259,10 @@ def outcome(log_dir: Path) -> dict:
     metrics: dict[int, dict[str, float]] = {}
     for row in rows:
         for key, value in row.items():
-            # Every training metric except the wall-clock phase timers (train/timers/*_s), which no two runs share.
-            if key.startswith("train/") and "timers/" not in key and value not in ("", None):
+            # Every training metric except the wall-clock ones (train/timers/*_s, train/step_time), which no two
+            # runs share.
+            wall_clock = "timers/" in key or key.endswith("_time")
+            if key.startswith("train/") and not wall_clock and value not in ("", None):
                 metrics.setdefault(int(row["step"]), {})[key] = float(value)
     return {"weights": weights, "metrics": metrics}
 

@@ -91,6 +91,13 @@ def test_max_time_stops_and_saves_and_resume_from_checkpoint_continues_that_run(
         sft_main(sft_config(resumed, *SHORT_SFT, f"exp_manager.resume_from_checkpoint='{checkpoint}'"))
     assert any("Resumed at step 1" in r.getMessage() for r in caplog.records)
     assert train_steps(resumed) == [2, 3, 4]
+    # NeMo-Aligner's bookkeeping metrics: samples so far (global batch 4), epoch, wall-clock seconds
+    with open(resumed / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    train = [r for r in rows if r.get("train/loss")]
+    assert [float(r["train/consumed_samples"]) for r in train] == [8.0, 12.0, 16.0]
+    assert all(float(r["train/epoch"]) == 0 and float(r["train/step_time"]) > 0 for r in train)
+    assert [float(r["val/validation_step_time"]) > 0 for r in rows if r.get("val/loss")] == [True, True]
 
     uninterrupted = tmp_path / "uninterrupted"
     sft_main(sft_config(uninterrupted, *SHORT_SFT))
