@@ -84,6 +84,7 @@ SFT = Job(
         "nemo_export",
         "after_step:4+TERM",
     ),
+    config_name="gpt_sft_tiny",
 )
 
 DPO = Job(

@@ -128,7 +128,7 @@ def _config_name_and_overrides(argv: Sequence[str], default_name: str) -> tuple[
             name = arg.split("=", 1)[1]
         elif arg in ("--config-path", "-cp", "--config-dir", "-cd") and args:
             args.pop(0)
-        elif not arg.startswith("-") and "=" in arg:
+        elif not arg.startswith(("-", "hydra")) and "=" in arg:  # Hydra's own settings are not config keys
             overrides.append(arg)
     return name, overrides
 

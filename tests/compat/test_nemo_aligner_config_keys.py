@@ -172,7 +172,7 @@ def test_an_unknown_model_config_key_is_a_warning(caplog):
 
 
 def test_command_line_config_name_and_overrides():
-    argv = ["--config-name", "gpt_spin_tiny", "a.b=1", "+c=2", "-m", "--config-path=x", "++d.e=f=g"]
+    argv = ["--config-name", "gpt_spin_tiny", "a.b=1", "+c=2", "-m", "--config-path=x", "++d.e=f=g", "hydra.run.dir=."]
     assert _config_name_and_overrides(argv, "gpt_spin") == ("gpt_spin_tiny", ["a.b=1", "+c=2", "++d.e=f=g"])
     assert _config_name_and_overrides(["--config-name=gpt_sft_tiny"], "gpt_sft") == ("gpt_sft_tiny", [])
 

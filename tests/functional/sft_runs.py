@@ -30,6 +30,7 @@ def sft_config(log_dir: Path, *overrides: str):
 
 def run_sft_subprocess(log_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run train_gpt_sft.py as its own process (needed when the test kills it)."""
-    cmd = [sys.executable, str(SCRIPTS / "train_gpt_sft.py"), f"exp_manager.explicit_log_dir={log_dir}", *overrides]
+    cmd = [sys.executable, str(SCRIPTS / "train_gpt_sft.py"), "--config-name", "gpt_sft_tiny"]
+    cmd += [f"exp_manager.explicit_log_dir={log_dir}", *overrides]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -274,7 +274,8 @@ def test_hydra_full_error_still_shows_the_traceback(tmp_path):
 
 def test_second_run_on_a_directory_fails_naming_the_first_and_a_killed_run_resumes(tmp_path):
     log_dir = tmp_path / "shared"
-    command = [sys.executable, str(SCRIPTS / "train_gpt_sft.py"), f"exp_manager.explicit_log_dir={log_dir}"]
+    command = [sys.executable, str(SCRIPTS / "train_gpt_sft.py"), "--config-name", "gpt_sft_tiny"]
+    command.append(f"exp_manager.explicit_log_dir={log_dir}")
     command += [*TINY_SFT, "trainer.sft.save_interval=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -23,7 +23,7 @@ NODES, GPUS_PER_NODE = 4, 8
 SCRIPTS_UNDER_TEST = {
     "sft": (
         "train_gpt_sft.py",
-        "gpt_sft_tiny",
+        "gpt_sft",
         "chat_train.jsonl",
         "chat_validation.jsonl",
         ["trainer.sft.max_steps=2"],
