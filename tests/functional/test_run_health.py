@@ -301,7 +301,7 @@ def test_second_run_on_a_directory_fails_naming_the_first_and_a_killed_run_resum
     # The same command again (in-process, one step further) takes the stale lock over and resumes.
     from examples.nlp.gpt.train_gpt_sft import main
 
-    overrides = [f"exp_manager.explicit_log_dir={log_dir}", *command[3:], f"trainer.sft.max_steps={saved + 1}"]
+    overrides = [*command[4:], f"trainer.sft.max_steps={saved + 1}"]  # after script and --config-name
     with _captured_log("nemo_aligner") as records:
         main(compose_config(SCRIPTS / "conf", "gpt_sft_tiny", overrides))
     assert any(f"Resumed at step {saved} " in r.getMessage() for r in records)
