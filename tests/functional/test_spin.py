@@ -211,11 +211,13 @@ def test_kl_penalty_list_shorter_than_iterations_is_a_config_error(tmp_path, nem
         spin_main(cfg)
 
 
-def test_lora_outside_dpo_is_a_config_error(tmp_path, nemo_fixtures_dir):
+def test_lora_outside_sft_and_dpo_is_a_config_error(tmp_path, nemo_fixtures_dir):
     """SPIN's reference moves every iteration: adapters-off is no reference for it, so model.peft is refused."""
     model_path = nemo_fixtures_dir / "tiny_gpt_rms_swiglu_rope_gqa.nemo"
     cfg = spin_config(tmp_path, model_path, "++model.peft.peft_scheme=lora")
-    with pytest.raises(ConfigError, match=r"model\.peft\.peft_scheme: LoRA is for SFT and DPO, not for trainer\.spin"):
+    with pytest.raises(
+        ConfigError, match=r"model\.peft\.peft_scheme: LoRA is supported by SFT and DPO, not by trainer\.spin"
+    ):
         spin_main(cfg)
 
 
