@@ -153,7 +153,9 @@ def run_ours(args: dict[str, Any]) -> dict[str, Any]:
         return original_step(self, batch)
 
     dpo.DPOTrainer.train_single_step = counting_step
-    precision = ["trainer.precision=bf16", "model.megatron_amp_O2=true"] if args["precision"] == "bf16" else []
+    # Both precisions explicit: gpt_dpo.yaml's default is bf16 + O2 (NeMo-Aligner's).
+    bf16 = args["precision"] == "bf16"
+    precision = [f"trainer.precision={args['precision']}", f"model.megatron_amp_O2={str(bf16).lower()}"]
     _gpu_start(args["device"])
     with tempfile.TemporaryDirectory() as log_dir:
         data = args["data"]

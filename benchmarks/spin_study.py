@@ -9,7 +9,7 @@ On 2 shared CPU cores the full study took 17 minutes, 12 of them training the fo
 Every number is greedy exact-match accuracy on the held-out ``chat_test.jsonl`` (300 prompts never seen in
 training; the first 60 with ``--quick``), computed by :func:`nemo_aligner.evaluation.exact_match_accuracy`.
 
-Start models: the tiny byte-level GPT trained from scratch with ``gpt_sft.yaml`` (``build_tiny_base_model``,
+Start models: the tiny byte-level GPT trained from scratch with ``gpt_sft_tiny.yaml`` (``build_tiny_base_model``,
 cached), once under-trained and once at its plateau. The plateau is found by training SFT runs of increasing
 length (each its own full cosine schedule) and taking the best; the JSON reports every length, so one can check
 that the longest runs no longer gain.
@@ -217,7 +217,7 @@ class Study:
         log_dir = self._log_dir("sft_continued")
         cfg = compose_config(
             CONF_DIR,
-            "gpt_sft",
+            "gpt_sft_tiny",
             [
                 f"model.restore_from_path={start_model}",
                 f"exp_manager.explicit_log_dir={log_dir}",

@@ -4,7 +4,7 @@
     python scripts/build_tiny_base_model.py --steps 300 --cache_dir /tmp/cache
     python scripts/build_tiny_base_model.py --with_judge   # Self-Rewarding's starting model (it can judge)
 
-The model is trained from scratch with examples/nlp/gpt/conf/gpt_sft.yaml (random init, deterministic seed),
+The model is trained from scratch with examples/nlp/gpt/conf/gpt_sft_tiny.yaml (random init, deterministic seed),
 so the same code and data always give the same file. It is cached under ``--cache_dir`` (default
 ``$NEMO_ALIGNER_CACHE`` or ``~/.cache/nemo_aligner``) keyed by the steps, the config and the data, and reused.
 DPO and SPIN on the embedded default start from it. ``--with_judge`` (``with_judge=True``) builds Self-Rewarding's
@@ -63,7 +63,8 @@ def build_tiny_base_model(
     if with_judge:
         overrides.insert(0, f"model.encoder_seq_length={JUDGE_CONTEXT}")
     key = hashlib.sha256()
-    key.update((conf_dir / "gpt_sft.yaml").read_bytes())
+    for config in ("gpt_sft.yaml", "gpt_sft_tiny.yaml"):
+        key.update((conf_dir / config).read_bytes())
     key.update(repr(overrides).encode())
     for name in names:
         key.update((embedded / name).read_bytes())
@@ -79,7 +80,7 @@ def build_tiny_base_model(
         mixed.write_bytes(b"".join((embedded / name).read_bytes() for name in ("chat_train.jsonl", names[-1])))
     work = cache_dir / f".build-{key.hexdigest()[:12]}"
     shutil.rmtree(work, ignore_errors=True)
-    sft_main(compose_config(conf_dir, "gpt_sft", [f"exp_manager.explicit_log_dir={work}", *overrides]))
+    sft_main(compose_config(conf_dir, "gpt_sft_tiny", [f"exp_manager.explicit_log_dir={work}", *overrides]))
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.replace(work / "checkpoints" / "megatron_gpt_sft.nemo", target)
     shutil.rmtree(work, ignore_errors=True)

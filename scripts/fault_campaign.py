@@ -84,6 +84,7 @@ SFT = Job(
         "nemo_export",
         "after_step:4+TERM",
     ),
+    config_name="gpt_sft_tiny",
 )
 
 DPO = Job(
@@ -100,6 +101,8 @@ DPO = Job(
         "model.optim.lr=1e-4",
         "model.optim.sched.name=Constant",
         "exp_manager.checkpoint_callback_params.save_top_k=1",
+        "trainer.precision=32",  # gpt_dpo.yaml is bf16 + megatron_amp_O2 (GPU); fp32 on the CPU
+        "model.megatron_amp_O2=false",
     ),
     "megatron_gpt_dpo.nemo",
     (
@@ -240,9 +243,11 @@ def metrics_rows(log_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     with path.open(newline="") as file:
-        # Wall-clock phase timers (train/timers/*_s) differ between any two runs: everything else must be equal.
+        # Wall-clock values (train/timers/*_s, train/step_time, val/validation_step_time) differ between any two
+        # runs: everything else must be equal.
         return [
-            {k: v for k, v in row.items() if v not in ("", None) and "timers/" not in k} for row in csv.DictReader(file)
+            {k: v for k, v in row.items() if v not in ("", None) and "timers/" not in k and not k.endswith("_time")}
+            for row in csv.DictReader(file)
         ]
 
 

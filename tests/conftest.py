@@ -134,7 +134,7 @@ def one_step_sft_checkpoint(tmp_path_factory) -> Path:
         "model.data.train_ds.global_batch_size=2",
         "model.data.train_ds.micro_batch_size=1",
     ]
-    main(compose_config(SCRIPTS / "conf", "gpt_sft", overrides))
+    main(compose_config(SCRIPTS / "conf", "gpt_sft_tiny", overrides))
     (checkpoint,) = list_checkpoints(results / "checkpoints")
     return checkpoint
 

@@ -266,12 +266,14 @@ class BaseTrainer:
         for batch in self.train_dataloader:
             if steps_done_in_epoch >= self.steps_per_epoch:
                 break
+            start = time.monotonic()
             _, metrics = self.train_single_step(batch)
+            step_seconds = time.monotonic() - start
             self.step += 1
             self.consumed_samples += self.global_batch_size
             steps_done_in_epoch += 1
             kill_point("after_step", self.step)
-            self.log(metrics, self.metric_prefix_train)
+            self.log({**metrics, **self.progress_metrics(step_seconds)}, self.metric_prefix_train)
             progress.update(1)
             progress.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k in ("loss", "acc", "lr")})
             if self.after_step(preemption, is_last=self.step >= self.max_steps):
@@ -286,8 +288,11 @@ class BaseTrainer:
         """Validate and save on schedule; returns True when the run must stop now."""
         stop = agree_any(preemption.received or self.run_timer.is_finished())
         if self.step % self.val_check_interval == 0 or is_last:
+            start = time.monotonic()
             self.last_val_metrics = self.run_validation()
-            self.log(self.last_val_metrics, self.metric_prefix_val)
+            if self.last_val_metrics:
+                timing = {"validation_step_time": time.monotonic() - start}
+                self.log({**self.last_val_metrics, **timing}, self.metric_prefix_val)
             self.last_val_metrics.update(self.run_evaluation(f"step {self.step}"))
         if self.ckpt_callback is not None and (self.step % self.save_interval == 0 or is_last or stop):
             self.save(is_train_end=is_last)
@@ -337,6 +342,10 @@ class BaseTrainer:
             **self.state_dict(),
         }
         self.ckpt_callback.custom_save(monitor_candidates=candidates, is_train_end=is_train_end)
+
+    def progress_metrics(self, step_seconds: float) -> dict[str, float]:
+        """Logged with every step as NeMo-Aligner does: ``consumed_samples``, ``step_time`` (seconds), ``epoch``."""
+        return {"consumed_samples": self.consumed_samples, "step_time": step_seconds, "epoch": self.epoch}
 
     def log(self, metrics: Mapping[str, float], prefix: str) -> None:
         if self.logger is not None and metrics:

@@ -76,6 +76,12 @@ class IterativeTrainer(NeMoAlignerIterativeAPI, BaseTrainer):
     def max_iterations(self) -> int:
         return int(self.cfg.get("max_iterations", 1))
 
+    def progress_metrics(self, step_seconds: float) -> dict[str, float]:
+        """The logged ``consumed_samples`` keeps counting across iterations (NeMo-Aligner's); the sampler's position
+        in the iteration's data (``self.consumed_samples``, saved for resume) restarts with each iteration."""
+        total = self.step * self.global_batch_size
+        return {**super().progress_metrics(step_seconds), "consumed_samples": total, "iteration": self.iteration}
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "iteration": self.iteration}
 

@@ -7,8 +7,9 @@ with the iteration-start weights:
 
 1. **Responses**: ``num_responses_to_gen`` (N) sampled responses per prompt, each keyed by (seed, t, sample, r).
 2. **Judgements**: the same model judges every response ``num_evals_to_average`` (k) times with
-   ``llm_judge_prompt`` (rendered on the chat-template-free prompt and response, wrapped in the chat template as
-   a user turn); scores come from ``judge_reward_regex`` and are valid in ``[judge_score_low, judge_score_high]``;
+   ``llm_judge_prompt`` (the model's whole input, chat markup included, as in NeMo-Aligner; the built-in prompt
+   is sent as a user turn of the chat template); scores come from ``judge_reward_regex`` and are valid in
+   ``[judge_score_low, judge_score_high]``;
    a response's score is the mean of its valid judgements.
 3. **Pairs** (``nemo_aligner.judges.select_pair``): chosen/rejected with length control rho =
    ``length_control[t]``. A bad sample (fewer than two scored responses, all scores equal, identical chosen and
@@ -52,8 +53,8 @@ logger = logging.getLogger(__name__)
 
 class SelfRewardingTrainer(NeMoAlignerSelfRewardingAPI, IterativeTrainer):
     """The iterative loop with the Self-Rewarding / Meta-Rewarding rollout (module docstring);
-    ``chat_prompt_tokens`` are the policy's ``model.data.chat_prompt_tokens`` (judge prompts are user turns in that
-    template)."""
+    ``chat_prompt_tokens`` are the policy's ``model.data.chat_prompt_tokens`` (the built-in judge prompts are user
+    turns in that template)."""
 
     pairs_dataset_class = SelfRewardingPairsDataset
     rollout_dir_name = "self_rewarding_rollouts"

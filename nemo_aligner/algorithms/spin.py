@@ -169,7 +169,7 @@ class SPINTrainer(IterativeTrainer):
             prompt, actual = self.sft_dataset.prompt_and_answer(i)
             texts = (list(prompt), list(response), list(actual))
             rows.append([tokenizer.ids_to_text(ids) for ids in texts])
-        self.logger.log_table("train/generations", ["prompt", "generated", "ground_truth"], rows, step=self.step)
+        self.logger.log_table("table/train_generations", ["prompt", "generated", "ground_truth"], rows, step=self.step)
 
     # ------------------------------------------------------------------ steps
     def step_metrics(self, batch: dict) -> dict[str, float]:

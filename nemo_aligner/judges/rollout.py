@@ -106,6 +106,10 @@ class JudgedRollout:
         get = spin_cfg.get
         self.judge_template = judge_prompt_template(get("llm_judge_prompt") or DEFAULT_JUDGE_PROMPT)
         self.meta_template = meta_judge_prompt_template(get("llm_meta_judge_prompt") or DEFAULT_META_JUDGE_PROMPT)
+        # A configured prompt is the whole model input, chat markup included (NeMo-Aligner's convention); the
+        # built-in prompts are plain text, given to the model as a user turn of the chat template.
+        self.judge_input = self.model_input if get("llm_judge_prompt") else self.user_turn
+        self.meta_input = self.model_input if get("llm_meta_judge_prompt") else self.user_turn
         self.score_regex = judge_reward_regex(get("judge_reward_regex") or DEFAULT_JUDGE_REWARD_REGEX)
         self.verdict_regex = meta_judge_reward_regex(get("meta_judge_reward_regex") or DEFAULT_META_JUDGE_REWARD_REGEX)
         self.tokens = ChatPromptTokens.from_config(chat_prompt_tokens)
@@ -120,6 +124,10 @@ class JudgedRollout:
             "conversations": [{"from": "User", "value": text}, {"from": "Assistant", "value": ""}],
         }
         return self.chat.prompt_and_answer(conversation)[0]
+
+    def model_input(self, text: str) -> list[int]:
+        """``text`` as the model's whole input (a configured judge prompt holds its own chat markup)."""
+        return list(self.tokenizer.text_to_ids(text))
 
     def _text(self, ids: Sequence[int]) -> str:
         return normalise_response(self.tokenizer.ids_to_text(list(ids)), self.tokens)
@@ -165,13 +173,13 @@ class JudgedRollout:
         fitted = fit_judge_prompts(
             self.judge_template,
             values,
-            token_length=lambda text: len(self.user_turn(text)),
+            token_length=lambda text: len(self.judge_input(text)),
             max_length=self.prompt_budget,
         )
         jobs, prompts, seeds = [], [], []
         for n, text in enumerate(fitted.prompts):
             i, r = chunk[n // cfg.num_responses], n % cfg.num_responses
-            records[i].setdefault("judge_prompts", []).append(None if text is None else self.user_turn(text))
+            records[i].setdefault("judge_prompts", []).append(None if text is None else self.judge_input(text))
             records[i].setdefault("judgements", []).append([[] for _ in range(cfg.num_evals)])
             records[i].setdefault("scores", []).append([None] * cfg.num_evals)
             if text is not None:
@@ -203,7 +211,7 @@ class JudgedRollout:
                     judgement_b=texts[b],
                 )
                 jobs.append((i, a, b))
-                prompts.append(self.user_turn(text))
+                prompts.append(self.meta_input(text))
                 seeds.append(generation_seed(seed, iteration, i, 2, n))
         verdict_ids, _ = self._generate(prompts, seeds, cfg.judge_length_params)
         verdicts: dict[int, list] = {}

@@ -201,9 +201,10 @@ def preference_loss_and_metrics(
 
     Metric sums (detached, float64; unweighted ``L_pref`` and ``L_sft``, as NeMo-Aligner logged them):
     ``acc_sum`` counts pairs with ``r(chosen) > r(rejected)`` strictly, so a tie (e.g. every pair at step 0,
-    policy == reference) counts as wrong, as in NeMo-Aligner. Rewards are reported multiplied by beta, as the user
-    guides define them: ``rewards_chosen_sum = sum beta*r(chosen)``, ``rewards_rejected_sum = sum beta*r(rejected)``,
-    ``rewards_sq_sum = sum (beta*r(chosen))^2 + (beta*r(rejected))^2`` for the std over all ``2 * valid`` rewards.
+    policy == reference) counts as wrong, as in NeMo-Aligner. Rewards are reported unscaled, as NeMo-Aligner's code
+    logs them (``r`` = policy minus reference log-prob, without beta): ``rewards_chosen_sum = sum r(chosen)``,
+    ``rewards_rejected_sum = sum r(rejected)``, ``rewards_sq_sum = sum r(chosen)^2 + r(rejected)^2`` for the std
+    over all ``2 * valid`` rewards.
     """
     loss_fn = get_preference_loss(loss_name)
     valid = valid.to(torch.bool)
@@ -222,8 +223,8 @@ def preference_loss_and_metrics(
     loss = preference_loss_weight * preference_loss + sft_loss_weight * sft_loss
 
     with torch.no_grad():
-        rewards_chosen = beta * reward_chosen.to(torch.float64)
-        rewards_rejected = beta * reward_rejected.to(torch.float64)
+        rewards_chosen = reward_chosen.to(torch.float64)
+        rewards_rejected = reward_rejected.to(torch.float64)
         metric_sums = {
             "num_valid_pairs": valid.sum(dtype=torch.float64),
             "loss_sum": loss.sum(dtype=torch.float64),
@@ -241,12 +242,15 @@ def finalize_preference_metrics(totals: Mapping[str, float]) -> dict[str, float]
     """Turn metric sums (reduced over micro batches and ranks) into the logged means.
 
     Every per-pair metric is ``sum / num_valid_pairs``; ``rewards_all_mean`` and ``rewards_all_std`` are over the
-    ``2 * num_valid_pairs`` chosen and rejected rewards, with the population std
-    ``sqrt(max(E[x^2] - E[x]^2, 0))`` (the clamp absorbs rounding below zero). With no valid pair every metric is 0.
+    ``n = 2 * num_valid_pairs`` chosen and rejected rewards, with the unbiased std (as NeMo-Aligner's
+    ``torch.std``) ``sqrt(max(E[x^2] - E[x]^2, 0) * n / (n - 1))`` (the clamp absorbs rounding below zero; 0 for
+    n < 2). With no valid pair every metric is 0.
     """
     pairs = max(totals["num_valid_pairs"], 1.0)
+    count = 2.0 * totals["num_valid_pairs"]
     rewards_all_mean = (totals["rewards_chosen_sum"] + totals["rewards_rejected_sum"]) / (2.0 * pairs)
     rewards_all_sq_mean = totals["rewards_sq_sum"] / (2.0 * pairs)
+    variance = max(rewards_all_sq_mean - rewards_all_mean**2, 0.0) * count / (count - 1) if count > 1 else 0.0
     return {
         "loss": totals["loss_sum"] / pairs,
         "preference_loss": totals["preference_loss_sum"] / pairs,
@@ -255,6 +259,6 @@ def finalize_preference_metrics(totals: Mapping[str, float]) -> dict[str, float]
         "rewards_chosen_mean": totals["rewards_chosen_sum"] / pairs,
         "rewards_rejected_mean": totals["rewards_rejected_sum"] / pairs,
         "rewards_all_mean": rewards_all_mean,
-        "rewards_all_std": math.sqrt(max(rewards_all_sq_mean - rewards_all_mean**2, 0.0)),
+        "rewards_all_std": math.sqrt(variance),
         "num_valid_pairs": totals["num_valid_pairs"],
     }

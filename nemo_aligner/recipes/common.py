@@ -22,7 +22,9 @@ from lightning.pytorch import Trainer
 from megatron.core import parallel_state
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from nemo_aligner.models.nlp.gpt.lora import load_lora_adapters, merge_lora_adapters, save_lora_adapters
 from nemo_aligner.utils.config import model_seed, register_resolvers
+from nemo_aligner.utils.config_keys import apply_aliases, warn_no_effect
 from nemo_aligner.utils.config_validation import (
     ConfigChecker,
     check_checkpoint_architecture,
@@ -54,6 +56,8 @@ def resolve_and_create_trainer(cfg: DictConfig, pop_trainer_key: str) -> Trainer
     OmegaConf.resolve(cfg)
     if pop_trainer_key not in cfg.trainer:
         raise KeyError(f"trainer.{pop_trainer_key} is missing from the config")
+    apply_aliases(cfg, pop_trainer_key)  # NeMo-Aligner's other spellings (trainer.max_steps, ...)
+    warn_no_effect(cfg)
     kwargs = {k: cfg.trainer[k] for k in LIGHTNING_TRAINER_KEYS if cfg.trainer.get(k) is not None}
     kwargs.setdefault("accelerator", "auto")
     kwargs.setdefault("devices", 1)
@@ -154,8 +158,12 @@ def validate_common(checker: ConfigChecker, loop: str, world_size: int) -> int:
     elif restore:
         check_checkpoint_architecture(checker, "model", restore)
     check_resume_checkpoint(checker, loop)
-    if loop != "dpo" and (checker.get("model.peft.peft_scheme") or "none") != "none":
-        checker.add("model.peft.peft_scheme", f"LoRA is supported by DPO only, not by trainer.{loop}: set it to none")
+    if loop in ("dpo", "sft"):
+        checker.choice("model.peft.peft_scheme", ("none", "lora"), required=False)
+    elif (checker.get("model.peft.peft_scheme") or "none") != "none":
+        checker.add(
+            "model.peft.peft_scheme", f"LoRA is supported by SFT and DPO, not by trainer.{loop}: set it to none"
+        )
     max_time = checker.get("exp_manager.max_time_per_run")
     if max_time is not None:
         try:
@@ -329,3 +337,38 @@ def train(run: Run, loop, after_fit: Callable[[], None] | None = None) -> None:
         after_fit()
     nemo_path = loop.ckpt_callback.final_nemo_path if loop.ckpt_callback is not None else None
     finish_run(run.experiment.name, loop, Path(run.experiment.log_dir), nemo_path, run.started)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA runs (SFT, DPO)
+def uses_lora(model_cfg: DictConfig) -> bool:
+    return (model_cfg.get("peft") or {}).get("peft_scheme", "none") == "lora"
+
+
+def configure_peft(model, model_cfg: DictConfig) -> None:
+    """Load the adapters ``model.peft.restore_from_path`` names into a LoRA model (built with its adapters from
+    ``model.peft``), before its optimizer exists."""
+    path = (model_cfg.get("peft") or {}).get("restore_from_path")
+    if path:
+        load_lora_adapters(model, path)
+
+
+def export_lora_run(model, path: Path) -> None:
+    """A LoRA run's export: the adapters alone (``<name>.lora/``), small and loadable onto the base model."""
+    save_lora_adapters(model, Path(path).with_suffix(".lora"))
+
+
+def merge_lora_when_done(loop) -> Callable[[], None]:
+    """A LoRA run's ``after_fit``: once the run reached its last step (the adapters were exported beside the
+    checkpoints), the final ``.nemo`` is the merged, full model."""
+
+    def merge() -> None:
+        if loop.step >= loop.max_steps:
+            merge_lora_and_save(loop.model, loop.ckpt_callback.final_nemo_path)
+
+    return merge
+
+
+def merge_lora_and_save(model, path: Path) -> None:
+    """Fold the adapters into the base weights and write a full ``.nemo`` that loads as a plain GPT."""
+    merge_lora_adapters(model)
+    model.save_to(path)

@@ -10,16 +10,19 @@ from omegaconf import DictConfig, open_dict
 from nemo_aligner.algorithms.dpo import DPOTrainer
 from nemo_aligner.data.nlp.dpo_builders import build_dpo_dataloader, build_dpo_datasets
 from nemo_aligner.losses.preference import PREFERENCE_LOSSES
-from nemo_aligner.models.nlp.gpt.lora import load_lora_adapters, merge_lora_adapters, save_lora_adapters
 from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
 from nemo_aligner.models.nlp.gpt.reference import REFERENCE_STRATEGIES, checkpoint_identity
 from nemo_aligner.recipes.common import (
     TrainingData,
     assemble,
     config_view,
+    configure_peft,
     data_parallel_layout,
+    export_lora_run,
+    merge_lora_when_done,
     start_run,
     train,
+    uses_lora,
     validate_common,
 )
 from nemo_aligner.utils.config import model_seed
@@ -58,13 +61,7 @@ def run(cfg: DictConfig) -> None:
         before_resume=precompute_reference,
         nemo_fn=export_lora_run if lora else None,
     )
-
-    def merge_lora() -> None:
-        if lora and loop.step >= loop.max_steps:
-            # The adapters were exported beside the checkpoints; the final .nemo is the merged, full model.
-            merge_lora_and_save(loop.model, loop.ckpt_callback.final_nemo_path)
-
-    train(started, loop, after_fit=merge_lora)
+    train(started, loop, after_fit=merge_lora_when_done(loop) if lora else None)
 
 
 def validate_dpo_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int) -> None:
@@ -84,7 +81,6 @@ def validate_dpo_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int)
     checker.number("model.dpo.gt_reward_scale", required=False)
     check_preference_loss(checker, "model.dpo")
     checker.integer("model.dpo.log_prob_forward_micro_batch_size", minimum=1, required=False)
-    checker.choice("model.peft.peft_scheme", ("none", "lora"), required=False)
     checker.choice("model.data.data_impl", ("jsonl", "packed_jsonl"), required=False)
     prefix = checker.get("model.data.data_prefix")
     if prefix is None or not hasattr(prefix, "get"):
@@ -121,27 +117,3 @@ def build_dpo_data(cfg: DictConfig, model_cfg: DictConfig, restore_path: str | N
             model_cfg.data, datasets["validation"], tokenizer, gbs, train=False, **layout
         ),
     )
-
-
-# ---------------------------------------------------------------------------------------------- LoRA runs
-def uses_lora(model_cfg: DictConfig) -> bool:
-    return (model_cfg.get("peft") or {}).get("peft_scheme", "none") == "lora"
-
-
-def configure_peft(model, model_cfg: DictConfig) -> None:
-    """Load the adapters ``model.peft.restore_from_path`` names into a LoRA model (built with its adapters from
-    ``model.peft``), before its optimizer exists."""
-    path = (model_cfg.get("peft") or {}).get("restore_from_path")
-    if path:
-        load_lora_adapters(model, path)
-
-
-def export_lora_run(model, path: Path) -> None:
-    """A LoRA run's export: the adapters alone (``<name>.lora/``), small and loadable onto the base model."""
-    save_lora_adapters(model, Path(path).with_suffix(".lora"))
-
-
-def merge_lora_and_save(model, path: Path) -> None:
-    """Fold the adapters into the base weights and write a full ``.nemo`` that loads as a plain GPT."""
-    merge_lora_adapters(model)
-    model.save_to(path)

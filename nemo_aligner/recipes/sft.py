@@ -21,11 +21,15 @@ from nemo_aligner.recipes.common import (
     TrainingData,
     assemble,
     config_view,
+    configure_peft,
     data_parallel_layout,
+    export_lora_run,
+    merge_lora_when_done,
     model_config_for_training,
     resolve_and_create_trainer,
     start_experiment,
     train,
+    uses_lora,
     validate_common,
 )
 from nemo_aligner.utils.config import model_seed
@@ -69,7 +73,16 @@ def run(cfg: DictConfig) -> None:
     started = start_experiment(cfg, "sft", trainer, restore_path, model_cfg)
 
     data = build_sft_data(cfg, model_cfg, restore_path, max_steps=cfg.trainer.sft.max_steps)
-    train(started, assemble(started, SupervisedTrainer, GPTSFTModel, data))
+    lora = uses_lora(model_cfg)  # LoRA SFT: only the adapters train
+    loop = assemble(
+        started,
+        SupervisedTrainer,
+        GPTSFTModel,
+        data,
+        configure_model=lambda model: configure_peft(model, model_cfg),
+        nemo_fn=export_lora_run if lora else None,
+    )
+    train(started, loop, after_fit=merge_lora_when_done(loop) if lora else None)
 
 
 def use_checkpoint_architecture(cfg: DictConfig, restore_path: str) -> None:
@@ -89,6 +102,11 @@ def validate_sft_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int)
     """Every SFT config problem at once, before anything expensive; over-long lengths are clamped."""
     view = config_view(cfg, model_cfg)
     checker = ConfigChecker(view)
+    if not checker.get("model.restore_from_path") and checker.get("model.num_layers") is None:
+        checker.add(
+            "model.restore_from_path",
+            "is missing: name the .nemo to fine-tune (gpt_sft_tiny.yaml trains the embedded default from scratch)",
+        )
     data_parallel_size = validate_common(checker, "sft", world_size)
     for split in ("train_ds", "validation_ds"):
         prefix = f"model.data.{split}"

@@ -134,7 +134,7 @@ def build_spin_data(
         train_dataloader=build_dataloader(pairs, train_sampler, collate, {"num_workers": 0}),
         val_dataloader=build_dataloader(
             val_ds,
-            build_validation_sampler(val_cfg, val_ds, gbs, **layout),
+            build_validation_sampler(val_cfg, val_ds, int(val_cfg.get("global_batch_size") or gbs), **layout),
             build_collate(val_cfg, tokenizer),
             data_cfg,
         ),

@@ -88,8 +88,13 @@ def hydra_runner(config_path: str, config_name: str):
 
             caller_dir = Path(sys.modules[task.__module__].__file__).resolve().parent
             absolute = str((caller_dir / config_path).resolve())
-            sys.argv = [*sys.argv, *HYDRA_DEFAULT_OVERRIDES]
             from nemo_aligner.utils.user_errors import exit_on_user_error
+
+            # A +key/++key no code reads is reported before the run starts (compose_config checks them).
+            name, overrides = _config_name_and_overrides(sys.argv[1:], config_name)
+            if any(o.startswith("+") for o in overrides):
+                exit_on_user_error(compose_config)(absolute, name, overrides)
+            sys.argv = [*sys.argv, *HYDRA_DEFAULT_OVERRIDES]
 
             # A user error (bad key, data, checkpoint) ends the command with its message, not a traceback.
             return hydra.main(config_path=absolute, config_name=config_name, version_base=None)(
@@ -105,9 +110,41 @@ def compose_config(config_dir: str | Path, config_name: str, overrides: Sequence
     """The config a script would run with, given command-line overrides (Hydra syntax, ``++key=value`` too)."""
     from hydra import compose, initialize_config_dir
 
+    from nemo_aligner.utils.config_keys import check_added_keys
+
     register_resolvers()
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
-        return compose(config_name=config_name, overrides=list(overrides))
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+        added = [o for o in overrides if o.startswith("+")]
+        if added:  # reported when no code reads them (a typo would otherwise pass quietly)
+            check_added_keys(compose(config_name=config_name, overrides=_without(overrides, added)), added)
+        return cfg
+
+
+def _without(overrides: Sequence[str], added: Sequence[str]) -> list[str]:
+    """The overrides that set keys the config file has (those of the added keys' subtrees left out too)."""
+    from nemo_aligner.utils.config_keys import added_keys
+
+    new_keys = added_keys(added)
+    return [
+        o for o in overrides if o not in added and not any(o.split("=", 1)[0].startswith(k + ".") for k in new_keys)
+    ]
+
+
+def _config_name_and_overrides(argv: Sequence[str], default_name: str) -> tuple[str, list[str]]:
+    """The ``--config-name``/``-cn`` and the key=value overrides of a command line (Hydra's own flags left out)."""
+    name, overrides, args = default_name, [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ("--config-name", "-cn") and args:
+            name = args.pop(0)
+        elif arg.startswith("--config-name="):
+            name = arg.split("=", 1)[1]
+        elif arg in ("--config-path", "-cp", "--config-dir", "-cd") and args:
+            args.pop(0)
+        elif not arg.startswith(("-", "hydra")) and "=" in arg:  # Hydra's own settings are not config keys
+            overrides.append(arg)
+    return name, overrides
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:

@@ -286,6 +286,7 @@ def check_resume_checkpoint(checker: ConfigChecker, loop: str | None = None) -> 
     from nemo_aligner.checkpoint import run_identity
     from nemo_aligner.checkpoint.trainer_checkpoint import (
         CheckpointError,
+        is_complete,
         list_checkpoints,
         read_trainer_state,
         verify_checkpoint,
@@ -295,19 +296,26 @@ def check_resume_checkpoint(checker: ConfigChecker, loop: str | None = None) -> 
     identity = run_identity.identity_of(checker.cfg, loop) if loop else None
     run_identity.remember(identity)
     exp_cfg = checker.get("exp_manager")
-    if exp_cfg is None or not exp_cfg.get("resume_if_exists", True):
+    if exp_cfg is None:
         return
+    key, resume = "exp_manager.resume_if_exists", None
     try:
-        existing = list_checkpoints(resolve_log_dir(exp_cfg) / "checkpoints")
-        if existing:
-            verify_checkpoint(existing[-1])
+        if exp_cfg.get("resume_if_exists", True):
+            existing = list_checkpoints(resolve_log_dir(exp_cfg) / "checkpoints")
+            resume = existing[-1] if existing else None
+        if resume is None and exp_cfg.get("resume_from_checkpoint"):
+            key, resume = "exp_manager.resume_from_checkpoint", Path(exp_cfg.resume_from_checkpoint)
+            if not is_complete(resume):
+                raise CheckpointError(f"{resume} is not a complete trainer checkpoint (a folder of <run>/checkpoints/)")
+        if resume is not None:
+            verify_checkpoint(resume)
     except CheckpointError as err:
-        checker.add("exp_manager.resume_if_exists", str(err))
+        checker.add(key, str(err))
         return
-    if existing and identity is not None:
-        stored = read_trainer_state(existing[-1]).get(run_identity.TRAINER_STATE_KEY)
-        for key, problem in run_identity.compare(stored, identity, existing[-1]):
-            checker.add(key, problem)
+    if resume is not None and identity is not None:
+        stored = read_trainer_state(resume).get(run_identity.TRAINER_STATE_KEY)
+        for name, problem in run_identity.compare(stored, identity, resume):
+            checker.add(name, problem)
 
 
 def clamp_lengths_to_context(

@@ -2,7 +2,7 @@
 
 Keys (``exp_manager.*``, as in NeMo): ``explicit_log_dir`` (or ``exp_dir``/``name``), ``create_tensorboard_logger``
 and ``create_csv_logger`` (default on), ``create_wandb_logger`` with ``wandb_logger_kwargs.{project,name,offline}``,
-``resume_if_exists``, ``resume_ignore_no_checkpoint``, ``max_time_per_run`` ("DD:HH:MM:SS"),
+``resume_if_exists``, ``resume_ignore_no_checkpoint``, ``resume_from_checkpoint``, ``max_time_per_run`` ("DD:HH:MM:SS"),
 ``checkpoint_callback_params.{monitor, save_top_k, mode, always_save_nemo, save_nemo_on_train_end, filename}``.
 
 A resumed run's ``metrics.csv`` holds exactly the rows an uninterrupted run would have: each checkpoint flushes the
@@ -74,11 +74,16 @@ def exp_manager(trainer, cfg: DictConfig | Mapping[str, Any] | None) -> Experime
         if existing:
             resume_path = existing[-1]
             logger.info("Resuming from %s", resume_path)
-        elif not cfg.get("resume_ignore_no_checkpoint", True):
+        elif not cfg.get("resume_ignore_no_checkpoint", True) and not cfg.get("resume_from_checkpoint"):
             raise FileNotFoundError(
                 f"exp_manager.resume_if_exists=True and resume_ignore_no_checkpoint=False, but {checkpoint_dir} "
                 "holds no complete checkpoint"
             )
+    if resume_path is None and cfg.get("resume_from_checkpoint"):
+        # NeMo's key: a checkpoint (of another run, say) to start from; once this run has saved its own, those
+        # continue it (a resubmitted job does not go back to the starting point).
+        resume_path = Path(cfg.resume_from_checkpoint)
+        logger.info("Resuming from %s (exp_manager.resume_from_checkpoint)", resume_path)
     if csv_logger is not None and is_global_rank_zero():
         rows = trainer_checkpoint.read_trainer_state(resume_path).get(METRICS_ROWS_KEY) if resume_path else 0
         csv_logger.truncate(rows)

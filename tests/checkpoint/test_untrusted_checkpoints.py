@@ -26,6 +26,7 @@ from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.utils import load_checkpoint_model_config
 from tests.conftest import NEMO_FIXTURES
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import SCRIPTS
 
 FIXTURE = NEMO_FIXTURES / "tiny_gpt_rms_swiglu_rope_gqa.nemo"
@@ -150,6 +151,7 @@ def test_entry_script_refuses_a_malicious_pretrained_checkpoint(tmp_path):
     marker = tmp_path / "pwned"
     archive = malicious_nemo(tmp_path, lambda unpacked: _dcp_metadata(unpacked, marker))
     overrides = [f"pretrained_checkpoint.restore_from_path={archive}", f"exp_manager.explicit_log_dir={tmp_path / 'r'}"]
+    overrides += FP32
     with pytest.raises(ValueError, match=r"restore_from_path: .*\.metadata: refusing to unpickle (posix|os)\.system"):
         main(compose_config(SCRIPTS / "conf", "gpt_dpo", overrides))
     assert not marker.exists()
@@ -264,7 +266,7 @@ def test_resuming_entry_script_refuses_before_building_anything(tmp_path, one_st
     monkeypatch.setattr(MegatronGPTModel, "__init__", lambda *a, **k: pytest.fail("a model was built"))
     overrides = [f"exp_manager.explicit_log_dir={tmp_path / 'results'}", "trainer.sft.max_steps=2"]
     with pytest.raises(ValueError, match=r"exp_manager\.resume_if_exists: cannot resume from .*refusing to unpickle"):
-        main(compose_config(SCRIPTS / "conf", "gpt_sft", overrides))
+        main(compose_config(SCRIPTS / "conf", "gpt_sft_tiny", overrides))
     assert not marker.exists()
 
 

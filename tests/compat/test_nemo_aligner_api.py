@@ -22,6 +22,7 @@ from nemo_aligner.data.nlp.dpo_dataset import DPOCollate
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.distributed import initialize_distributed
 from nemo_aligner.utils.exp_manager import RunTimer
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import SCRIPTS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,7 +154,7 @@ def test_nemo_aligner_sft_dataset_call_equals_ours():
 
     cfg = compose_config(SCRIPTS / "conf", "gpt_spin", [])
     OmegaConf.resolve(cfg)
-    tokenizer = build_tokenizer(compose_config(SCRIPTS / "conf", "gpt_sft", []).model.tokenizer)  # the default's
+    tokenizer = build_tokenizer(compose_config(SCRIPTS / "conf", "gpt_sft_tiny", []).model.tokenizer)  # the default's
     split = cfg.model.data.validation_ds
     theirs = builders.build_sft_dataset(
         split, tokenizer, None, answer_only_loss=True, is_chat=True, special_tokens=cfg.model.data.chat_prompt_tokens
@@ -174,7 +175,7 @@ def untrained_default_model(tmp_path_factory) -> Path:
     for any weights)."""
     from nemo_aligner.models.nlp.gpt.gpt_sft_model import GPTSFTModel
 
-    cfg = compose_config(SCRIPTS / "conf", "gpt_sft", [])
+    cfg = compose_config(SCRIPTS / "conf", "gpt_sft_tiny", [])
     OmegaConf.resolve(cfg)
     path = tmp_path_factory.mktemp("untrained") / "tiny.nemo"
     GPTSFTModel(cfg.model).save_to(path)
@@ -195,6 +196,7 @@ def test_the_spin_model_page_example_runs_verbatim(untrained_default_model):
         [
             f"pretrained_checkpoint.restore_from_path={untrained_default_model}",
             "model.spin.ref_policy_kl_penalty=[0.3,0.1]",
+            *FP32,
         ],
     )
     trainer = None

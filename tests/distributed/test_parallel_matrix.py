@@ -39,6 +39,7 @@ from nemo_aligner.checkpoint.trainer_checkpoint import (
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.config_validation import ConfigChecker, check_model_parallel
 from tests.conftest import NEMO_FIXTURE_NAMES, NEMO_FIXTURES
+from tests.cpu_fp32 import FP32
 from tests.distributed.multiprocess import restore_at_layout, run_distributed
 from tests.functional.sft_runs import SCRIPTS
 from tests.generation.test_generate import GREEDY, SAMPLING, random_prompts
@@ -64,7 +65,7 @@ ROLLOUT = [
 ALGORITHMS = {
     "sft": (
         "train_gpt_sft",
-        "gpt_sft",
+        "gpt_sft_tiny",
         "sft",
         [
             "trainer.sft.max_steps=4",
@@ -84,6 +85,7 @@ ALGORITHMS = {
             "trainer.dpo.val_check_interval=2",
             "trainer.dpo.limit_val_batches=1",
             "model.dpo.log_prob_forward_micro_batch_size=2",
+            *FP32,
         ],
     ),
     "spin": (
@@ -253,8 +255,10 @@ def outcome(log_dir: Path) -> dict:
     metrics: dict[int, dict[str, float]] = {}
     for row in rows:
         for key, value in row.items():
-            # Every training metric except the wall-clock phase timers (train/timers/*_s), which no two runs share.
-            if key.startswith("train/") and "timers/" not in key and value not in ("", None):
+            # Every training metric except the wall-clock ones (train/timers/*_s, train/step_time), which no two
+            # runs share.
+            wall_clock = "timers/" in key or key.endswith("_time")
+            if key.startswith("train/") and not wall_clock and value not in ("", None):
                 metrics.setdefault(int(row["step"]), {})[key] = float(value)
     return {"weights": weights, "metrics": metrics}
 
@@ -321,7 +325,7 @@ def matrix(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("matrix")
     start = root / "start.nemo"
-    model_cfg = compose_config(SCRIPTS / "conf", "gpt_sft").model
+    model_cfg = compose_config(SCRIPTS / "conf", "gpt_sft_tiny").model
     model = MegatronGPTModel(model_cfg)
     perturb_(model, seed=11)
     model.save_to(start)

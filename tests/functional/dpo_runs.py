@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from nemo_aligner.utils.config import compose_config
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import SCRIPTS
 
 # Scaled to the tiny model: small batches, a constant LR suited to 0.5M parameters, adamw.
@@ -28,6 +29,7 @@ def dpo_config(log_dir: Path, model_path: Path, *overrides: str):
         [
             f"exp_manager.explicit_log_dir={log_dir}",
             f"pretrained_checkpoint.restore_from_path={model_path}",
+            *FP32,
             *overrides,
         ],
     )

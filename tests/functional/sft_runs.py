@@ -12,7 +12,7 @@ from nemo_aligner.utils.config import compose_config
 REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "examples" / "nlp" / "gpt"
 
-# A small, fast version of the embedded default (the architecture of gpt_sft.yaml, fewer steps).
+# A small, fast version of the embedded default (the architecture of gpt_sft_tiny.yaml, fewer steps).
 FAST_SFT = [
     "trainer.sft.max_steps=8",
     "trainer.sft.val_check_interval=3",
@@ -25,11 +25,12 @@ FAST_SFT = [
 
 
 def sft_config(log_dir: Path, *overrides: str):
-    return compose_config(SCRIPTS / "conf", "gpt_sft", [f"exp_manager.explicit_log_dir={log_dir}", *overrides])
+    return compose_config(SCRIPTS / "conf", "gpt_sft_tiny", [f"exp_manager.explicit_log_dir={log_dir}", *overrides])
 
 
 def run_sft_subprocess(log_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run train_gpt_sft.py as its own process (needed when the test kills it)."""
-    cmd = [sys.executable, str(SCRIPTS / "train_gpt_sft.py"), f"exp_manager.explicit_log_dir={log_dir}", *overrides]
+    cmd = [sys.executable, str(SCRIPTS / "train_gpt_sft.py"), "--config-name", "gpt_sft_tiny"]
+    cmd += [f"exp_manager.explicit_log_dir={log_dir}", *overrides]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True, timeout=600)

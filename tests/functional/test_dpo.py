@@ -13,6 +13,7 @@ from examples.nlp.gpt.compute_reference_logprobs import main as score_main
 from examples.nlp.gpt.train_gpt_dpo import main as dpo_main
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.config_validation import ConfigError
+from tests.cpu_fp32 import FP32
 from tests.functional.dpo_runs import FAST_DPO, dpo_config
 from tests.functional.sft_runs import SCRIPTS
 
@@ -52,6 +53,7 @@ def score(model_path, data_path, output_path) -> list[dict]:
                 f"data_path={data_path}",
                 f"output_path={output_path}",
                 "model.dpo.log_prob_forward_micro_batch_size=16",
+                *FP32,
             ],
         )
     )
@@ -108,6 +110,7 @@ SCALE_DOWN = [
     "trainer.dpo.max_steps=2",
     "trainer.dpo.val_check_interval=2",
     "trainer.dpo.limit_val_batches=1",
+    *FP32,
 ]
 
 

@@ -9,6 +9,7 @@ import torch
 from examples.nlp.gpt.compute_reference_logprobs import main as score_main
 from nemo_aligner.utils.config import compose_config
 from tests.checkpoint.test_hf_conversion import _load_script, _tiny_hf_model, _tiny_tokenizer
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import SCRIPTS
 
 PAIRS = [
@@ -42,6 +43,7 @@ def test_scoring_tool_matches_transformers(tmp_path):
                 f"output_path={out}",
                 "emit_token_ids=true",
                 "model.dpo.log_prob_forward_micro_batch_size=2",
+                *FP32,
             ],
         )
     )

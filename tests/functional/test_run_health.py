@@ -25,6 +25,7 @@ from nemo_aligner.checkpoint.nemo_file import open_nemo, read_torch_dist_tensors
 from nemo_aligner.checkpoint.trainer_checkpoint import STATE_DIR, list_checkpoints, read_trainer_state
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.health import NonFiniteError
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import REPO, SCRIPTS, run_sft_subprocess
 from tests.functional.test_bad_inputs import CORPUS, repack
 
@@ -35,7 +36,7 @@ SKIP = ["non_finite.policy=skip", "non_finite.max_consecutive_skips=3"]
 
 TRAINERS = {
     "sft": {
-        "config": "gpt_sft",
+        "config": "gpt_sft_tiny",
         "module": "train_gpt_sft",
         "model": "nemo_aligner.models.nlp.gpt.gpt_sft_model.GPTSFTModel",
         "nemo": "megatron_gpt_sft.nemo",
@@ -62,6 +63,7 @@ TRAINERS = {
             "trainer.dpo.max_epochs=2",
             "trainer.dpo.limit_val_batches=1",
             "model.dpo.reference=cpu_weight_swap",  # no reference precomputation over the whole data set
+            *FP32,
         ],
     },
     "spin": {
@@ -252,7 +254,7 @@ def test_a_diverging_run_stops_by_default_and_keeps_its_last_good_checkpoint(tmp
     log_dir = tmp_path / "diverged"
     cfg = compose_config(
         SCRIPTS / "conf",
-        "gpt_sft",
+        "gpt_sft_tiny",
         [f"exp_manager.explicit_log_dir={log_dir}", "trainer.sft.max_steps=4", *TINY_SFT, *lr_too_high],
     )
     with pytest.raises(NonFiniteError, match="step 2: non-finite gradient norm") as info:
@@ -272,7 +274,8 @@ def test_hydra_full_error_still_shows_the_traceback(tmp_path):
 
 def test_second_run_on_a_directory_fails_naming_the_first_and_a_killed_run_resumes(tmp_path):
     log_dir = tmp_path / "shared"
-    command = [sys.executable, str(SCRIPTS / "train_gpt_sft.py"), f"exp_manager.explicit_log_dir={log_dir}"]
+    command = [sys.executable, str(SCRIPTS / "train_gpt_sft.py"), "--config-name", "gpt_sft_tiny"]
+    command.append(f"exp_manager.explicit_log_dir={log_dir}")
     command += [*TINY_SFT, "trainer.sft.save_interval=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -298,9 +301,9 @@ def test_second_run_on_a_directory_fails_naming_the_first_and_a_killed_run_resum
     # The same command again (in-process, one step further) takes the stale lock over and resumes.
     from examples.nlp.gpt.train_gpt_sft import main
 
-    overrides = [f"exp_manager.explicit_log_dir={log_dir}", *command[3:], f"trainer.sft.max_steps={saved + 1}"]
+    overrides = [*command[4:], f"trainer.sft.max_steps={saved + 1}"]  # after script and --config-name
     with _captured_log("nemo_aligner") as records:
-        main(compose_config(SCRIPTS / "conf", "gpt_sft", overrides))
+        main(compose_config(SCRIPTS / "conf", "gpt_sft_tiny", overrides))
     assert any(f"Resumed at step {saved} " in r.getMessage() for r in records)
     assert read_trainer_state(list_checkpoints(log_dir / "checkpoints")[-1])["step"] == saved + 1
     assert not (log_dir / "run.lock").exists()
@@ -318,7 +321,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_a_finished_run_says_so(tmp_path):
     assert read_trainer_state(checkpoint)["step"] == 2
     assert not (log_dir / "run.lock").exists()
     # In-process from here (same command, no start-up cost): the resumed run finishes, a rerun says it is finished.
-    cfg = compose_config(SCRIPTS / "conf", "gpt_sft", [f"exp_manager.explicit_log_dir={log_dir}", *steps])
+    cfg = compose_config(SCRIPTS / "conf", "gpt_sft_tiny", [f"exp_manager.explicit_log_dir={log_dir}", *steps])
     from examples.nlp.gpt.train_gpt_sft import main
 
     main(cfg.copy())
@@ -367,7 +370,7 @@ def guard_on_two_ranks(log_dir: str) -> dict:
         *[_substitute(o, Path()) for o in TRAINERS["sft"]["overrides"]],
         "trainer.sft.val_check_interval=100",
     ]
-    cfg = compose_config(SCRIPTS / "conf", "gpt_sft", overrides)
+    cfg = compose_config(SCRIPTS / "conf", "gpt_sft_tiny", overrides)
     rank = int(os.environ["RANK"])
     with pytest.MonkeyPatch.context() as patch:
         inject(patch, GPTSFTModel, {2: ("loss", NAN)} if rank == 1 else {})

@@ -21,6 +21,7 @@ from nemo_aligner.data.embedded import JUDGE_SCORE_HIGH, JUDGE_SCORE_LOW
 from nemo_aligner.evaluation import rollout_judge_quality
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.config_validation import ConfigError
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import REPO, SCRIPTS
 
 EMBEDDED = REPO / "nemo_aligner" / "data" / "embedded"
@@ -161,6 +162,7 @@ SCALE_DOWN = [
     "trainer.self_rewarding.limit_val_batches=1",
     "model.spin.length_params.max_length=32",
     "model.spin.rollout_micro_batch_size=8",
+    *FP32,
 ]
 
 

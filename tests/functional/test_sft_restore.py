@@ -1,4 +1,4 @@
-"""SFT from a .nemo: the file's architecture and tokenizer replace gpt_sft.yaml's from-scratch ones."""
+"""SFT from a .nemo: the file's architecture and tokenizer replace gpt_sft_tiny.yaml's from-scratch ones."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from tests.functional.sft_runs import SCRIPTS
 
 
 def test_restored_model_keeps_its_own_architecture_tokenizer_and_context(nemo_fixtures_dir):
-    path = nemo_fixtures_dir / "tiny_gpt_rms_swiglu_rope_gqa.nemo"  # hidden 64, context 64: not gpt_sft.yaml's
+    path = nemo_fixtures_dir / "tiny_gpt_rms_swiglu_rope_gqa.nemo"  # hidden 64, context 64: not gpt_sft_tiny.yaml's
     stored = load_checkpoint_model_config(path)
-    cfg = compose_config(SCRIPTS / "conf", "gpt_sft", [f"model.restore_from_path={path}"])
+    cfg = compose_config(SCRIPTS / "conf", "gpt_sft_tiny", [f"model.restore_from_path={path}"])
     assert cfg.model.hidden_size != stored.hidden_size  # the yaml's embedded-default architecture differs
 
     use_checkpoint_architecture(cfg, str(path))

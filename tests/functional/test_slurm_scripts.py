@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from nemo_aligner.utils.config import compose_config
 from tests.conftest import NEMO_FIXTURES
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import REPO, SCRIPTS
 
 SLURM = SCRIPTS / "slurm"
@@ -20,21 +21,33 @@ EMBEDDED = REPO / "nemo_aligner" / "data" / "embedded"
 NODES, GPUS_PER_NODE = 4, 8
 # script -> (entry script, config, training data, validation data, scale-down suffix for one CPU process)
 SCRIPTS_UNDER_TEST = {
-    "sft": ("train_gpt_sft.py", "gpt_sft", "chat_train.jsonl", "chat_validation.jsonl", ["trainer.sft.max_steps=2"]),
-    "dpo": ("train_gpt_dpo.py", "gpt_dpo", "dpo_train.jsonl", "dpo_validation.jsonl", ["model.global_batch_size=4"]),
+    "sft": (
+        "train_gpt_sft.py",
+        "gpt_sft",
+        "chat_train.jsonl",
+        "chat_validation.jsonl",
+        ["trainer.sft.max_steps=2"],
+    ),
+    "dpo": (
+        "train_gpt_dpo.py",
+        "gpt_dpo",
+        "dpo_train.jsonl",
+        "dpo_validation.jsonl",
+        ["model.global_batch_size=4", *FP32],
+    ),
     "spin": (
         "train_gpt_spin.py",
         "gpt_spin",
         "chat_train.jsonl",
         "chat_validation.jsonl",
-        ["model.global_batch_size=4"],
+        ["model.global_batch_size=4", *FP32],
     ),
     "self_rewarding": (
         "train_gpt_self_rewarding.py",
         "gpt_self_rewarding",
         "chat_train.jsonl",
         "chat_validation.jsonl",
-        ["model.global_batch_size=4"],
+        ["model.global_batch_size=4", *FP32],
     ),
 }
 SCALE_DOWN = ["trainer.num_nodes=1", "trainer.devices=1", "exp_manager.create_wandb_logger=False"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import shlex
@@ -19,6 +20,7 @@ from nemo_aligner.data.nlp.builders import build_sft_dataset
 from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSPINModel
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.config_validation import ConfigError
+from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import REPO, SCRIPTS
 
 EMBEDDED = REPO / "nemo_aligner" / "data" / "embedded"
@@ -152,6 +154,7 @@ SCALE_DOWN = [
     "trainer.spin.limit_val_batches=1",
     "model.spin.length_params.max_length=32",
     "model.spin.rollout_micro_batch_size=8",
+    *FP32,
 ]
 
 
@@ -208,11 +211,13 @@ def test_kl_penalty_list_shorter_than_iterations_is_a_config_error(tmp_path, nem
         spin_main(cfg)
 
 
-def test_lora_outside_dpo_is_a_config_error(tmp_path, nemo_fixtures_dir):
+def test_lora_outside_sft_and_dpo_is_a_config_error(tmp_path, nemo_fixtures_dir):
     """SPIN's reference moves every iteration: adapters-off is no reference for it, so model.peft is refused."""
     model_path = nemo_fixtures_dir / "tiny_gpt_rms_swiglu_rope_gqa.nemo"
     cfg = spin_config(tmp_path, model_path, "++model.peft.peft_scheme=lora")
-    with pytest.raises(ConfigError, match=r"model\.peft\.peft_scheme: LoRA is supported by DPO only"):
+    with pytest.raises(
+        ConfigError, match=r"model\.peft\.peft_scheme: LoRA is supported by SFT and DPO, not by trainer\.spin"
+    ):
         spin_main(cfg)
 
 
@@ -269,6 +274,11 @@ def test_mixing_previous_generations_trains_on_both_iterations(tmp_path, tiny_sf
     sampler = SPINBatchSampler(8, 4, seed=0, shuffle=False, drop_last=True)
     sampler.mix_previous = True
     assert next(iter(sampler)) == [0, 1, 2, 3, 8, 9, 10, 11]
+    # NeMo-Aligner's logged bookkeeping: samples keep counting across the two iterations of 3 steps (batch 16)
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        train = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    assert [float(r["train/consumed_samples"]) for r in train] == [16.0 * step for step in range(1, 7)]
+    assert [float(r["train/iteration"]) for r in train] == [0, 0, 0, 1, 1, 1]
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.tokenizers import NemoTokenizerWarning
 from nemo_aligner.utils.config import compose_config
 from tests.conftest import NEMO_FIXTURES, perturb_, tiny_model_cfg
+from tests.cpu_fp32 import FP32
 from tests.functional.test_bad_inputs import repack
 from tests.interop.nemo_venv import REPO, TOOLKIT, NemoVenvBuild, run_nemo
 
@@ -161,7 +162,7 @@ def write_training_runs(root: Path) -> dict[str, Path]:
     sft = root / "sft"
     _run(
         "train_gpt_sft",
-        "gpt_sft",
+        "gpt_sft_tiny",
         [
             f"exp_manager.explicit_log_dir={sft}",
             "trainer.sft.max_steps=2",
@@ -173,6 +174,7 @@ def write_training_runs(root: Path) -> dict[str, Path]:
     )
     base = sft / "checkpoints" / "megatron_gpt_sft.nemo"
     small = ["model.global_batch_size=2", "model.micro_batch_size=1", f"pretrained_checkpoint.restore_from_path={base}"]
+    small += FP32  # gpt_dpo.yaml is bf16 + megatron_amp_O2: NeMo's logits are compared in fp32
     dpo = ["trainer.dpo.max_steps=1", "trainer.dpo.val_check_interval=1", "trainer.dpo.limit_val_batches=1"]
     _run("train_gpt_dpo", "gpt_dpo", [f"exp_manager.explicit_log_dir={root / 'dpo'}", *small, *dpo])
     lora = ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=4", "model.optim.lr=1e-2"]

@@ -26,6 +26,13 @@ from nemo_aligner.judges.rollout import (
 from nemo_aligner.tokenizers import build_tokenizer
 
 END = "\n<extra_id_1>"
+
+
+def whole_input(template: str) -> str:
+    """A configured judge prompt is the model's whole input: the user turn of the chat template written out."""
+    return f"<extra_id_0>System\n\n<extra_id_1>User\n{template}\n<extra_id_1>Assistant\n"
+
+
 SPIN_CFG = {
     "num_responses_to_gen": 3,
     "num_evals_to_average": 2,
@@ -34,8 +41,8 @@ SPIN_CFG = {
     "meta_max_relative_pcnt": 1.0,
     "judge_score_low": 0,
     "judge_score_high": 5,
-    "llm_judge_prompt": JUDGE_PROMPT_TEMPLATE,
-    "llm_meta_judge_prompt": META_JUDGE_PROMPT_TEMPLATE,
+    "llm_judge_prompt": whole_input(JUDGE_PROMPT_TEMPLATE),
+    "llm_meta_judge_prompt": whole_input(META_JUDGE_PROMPT_TEMPLATE),
     "normalise_prompt": True,
     "sampling_params": {"use_greedy": False, "temperature": 1.0},
     "length_params": {"max_length": 16, "min_length": 1},
@@ -177,3 +184,20 @@ def test_a_judge_that_never_parses_masks_every_sample():
     metrics = batch_metrics(list(slots.values()))
     assert metrics["bad_samples_per_GBS"] == 1.0 and metrics["meta_pairs_per_GBS"] == 0.0
     assert judge_health(records, rollout.cfg)["judge_unparseable_fraction"] == 1.0
+
+
+def test_a_configured_judge_prompt_is_the_whole_input_and_the_built_in_one_a_user_turn():
+    """NeMo-Aligner's convention: a ported prompt (chat markup included) is not wrapped a second time."""
+    model = ScriptedModel()
+    configured = JudgedRollout(model, SPIN_CFG, CHAT_PROMPT_TOKENS, context_length=256)
+    built_in = JudgedRollout(
+        model, {**SPIN_CFG, "llm_judge_prompt": None, "llm_meta_judge_prompt": None}, CHAT_PROMPT_TOKENS, 256
+    )
+    text = whole_input("Rate the answer.\nQuestion: q\nAnswer: a")
+    assert configured.judge_input(text) == model.tokenizer.text_to_ids(text)
+    assert configured.meta_input(text) == model.tokenizer.text_to_ids(text)
+    assert (
+        built_in.judge_input("Rate it")
+        == built_in.meta_input("Rate it")
+        == model.tokenizer.text_to_ids(whole_input("Rate it"))
+    )

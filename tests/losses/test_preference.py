@@ -250,16 +250,16 @@ def test_metrics_reduced_over_micro_batches_match_direct_computation(name):
     r_r = kept["policy_rejected"] - kept["ref_rejected"]
     pref = REFERENCES[name][0](r_c - r_r, beta, kept["gt_chosen"], kept["gt_rejected"], scale)
     sft = -kept["policy_chosen"]
-    all_rewards = torch.cat([beta * r_c, beta * r_r])
+    all_rewards = torch.cat([r_c, r_r])  # unscaled, as NeMo-Aligner logs them
     expected = {
         "loss": (w_pref * pref + w_sft * sft).mean().item(),
         "preference_loss": pref.mean().item(),
         "sft_loss": sft.mean().item(),
         "acc": (r_c > r_r).double().mean().item(),
-        "rewards_chosen_mean": (beta * r_c).mean().item(),
-        "rewards_rejected_mean": (beta * r_r).mean().item(),
+        "rewards_chosen_mean": r_c.mean().item(),
+        "rewards_rejected_mean": r_r.mean().item(),
         "rewards_all_mean": all_rewards.mean().item(),
-        "rewards_all_std": all_rewards.std(correction=0).item(),
+        "rewards_all_std": all_rewards.std(correction=1).item(),
         "num_valid_pairs": float(valid.sum()),
     }
     assert count_total == valid.sum().item()

@@ -118,11 +118,11 @@ def test_spin_metrics_and_generation_table_are_in_the_offline_run(offline, tmp_p
         assert values, f"{name} missing from the W&B run"
         assert values == pytest.approx(csv_values(tmp_path, name), rel=1e-12), name
 
-    # wandb's reader flattens the nested table reference: "train/generations._type", "train/generations.path", ...
+    # wandb's reader flattens the nested table reference: "table/train_generations._type", ".path", ...
     [table_ref] = [
-        {k.removeprefix("train/generations."): v for k, v in row.items()}
+        {k.removeprefix("table/train_generations."): v for k, v in row.items()}
         for row in history
-        if "train/generations._type" in row
+        if "table/train_generations._type" in row
     ]
     assert table_ref["_type"] == "table-file" and (table_ref["ncols"], table_ref["nrows"]) == (3, 4)
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
