@@ -222,6 +222,31 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], keys: Sequence[str], base
     return {"medians": medians, "ratios": ratios}
 
 
+def marked(event: str, fn: Callable) -> Callable:
+    """``fn`` recording ``event`` (``nemo_aligner.utils.timers.mark_event``) when first called: the peers' scripts
+    report the same start-up events as our trainer."""
+    from nemo_aligner.utils.timers import mark_event
+
+    def wrapped(*args, **kwargs):
+        mark_event(event)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def first_step_callback():
+    """A Hugging Face ``TrainerCallback`` recording ``first_step`` when the first optimizer step begins."""
+    from transformers import TrainerCallback
+
+    from nemo_aligner.utils.timers import mark_event
+
+    class FirstStepMarker(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            mark_event("first_step")
+
+    return FirstStepMarker()
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     import platform
 

@@ -25,6 +25,7 @@ from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.exp_manager import PreemptionHandler, RunTimer
 from nemo_aligner.utils.health import NonFiniteGuard, agree_any, step_health_metrics
 from nemo_aligner.utils.kill_points import kill_point
+from nemo_aligner.utils.timers import mark_event
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +255,7 @@ class BaseTrainer:
         for batch in self.train_dataloader:
             if steps_done_in_epoch >= self.steps_per_epoch:
                 break
+            mark_event("first_step")
             metrics = self.train_single_step(batch)
             self.step += 1
             self.consumed_samples += self.global_batch_size
