@@ -205,6 +205,9 @@ def run_trl(args: dict[str, Any], precompute: bool) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from nemo_aligner.utils.timers import mark_event
+
+    mark_event("imports_done")
     watch = Stopwatch()
     precompute_fn = marked("reference_pass", DPOTrainer._precompute_ref_logps)
     DPOTrainer._precompute_ref_logps = watch.wrap("reference", precompute_fn)

@@ -11,9 +11,12 @@ seconds (user + system of the process and the children it waited for) and peak R
 start-up times from the events the process records (``NEMO_ALIGNER_EVENTS_FILE``,
 ``nemo_aligner.utils.timers.mark_event``; the TRL scripts record the same events with a callback):
 
+* ``imports_s``: process start to the end of the script's imports (ours: ``main`` entered; TRL's: after
+  ``from trl import ...``), with ``rss_after_imports_mb`` the peak RSS by then;
 * ``setup_s``: process start to the start of the reference pass, or to the first step when there is none
   (imports, config, data, model loading: what a user waits for before any compute);
-* ``startup_s``: process start to the first training step (``setup_s`` plus a precomputed reference pass).
+* ``startup_s``: process start to the first training step (``setup_s`` plus a precomputed reference pass), with
+  ``rss_at_first_step_mb`` the peak RSS by then.
 
 Arms, grouped; the arms of a group run in interleaved rounds (each arm once per round, order rotated), and the
 headline ratios are medians over rounds of ratios measured within a round:
@@ -68,14 +71,24 @@ GROUPS = {
     "sft": ("sft_ours", "sft_trl"),
     "quickstart": ("quickstart_sft", "quickstart_spin"),
 }
-KEYS = ("wall_s", "cpu_s", "peak_rss_mb", "setup_s", "startup_s")
+KEYS = (
+    "wall_s",
+    "cpu_s",
+    "peak_rss_mb",
+    "imports_s",
+    "setup_s",
+    "startup_s",
+    "rss_after_imports_mb",
+    "rss_at_first_step_mb",
+)
 EVENTS_FILE_ENV = "NEMO_ALIGNER_EVENTS_FILE"  # nemo_aligner.utils.timers.EVENTS_FILE_ENV (not imported: no torch here)
 
 
 # ---------------------------------------------------------------------------------------------- one process
-def run_process(cmd: list[str], cwd: Path, threads: int | None, log_path: Path) -> dict[str, Any]:
-    """Run ``cmd`` to completion; its wall and CPU seconds, peak RSS and start-up events."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def run_process(cmd: list[str], cwd: Path, threads: int | None, log_path: Path, repo: Path = REPO) -> dict[str, Any]:
+    """Run ``cmd`` to completion (``repo`` first on its path); its wall and CPU seconds, peak RSS and start-up
+    events."""
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.pop(key, None)
         if threads:
@@ -92,21 +105,25 @@ def run_process(cmd: list[str], cwd: Path, threads: int | None, log_path: Path) 
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {process.returncode}:\n{log_path.read_text()[-4000:]}")
-    events = {}
+    events, peaks = {}, {}
     if events_path.exists():
         for line in events_path.read_text().splitlines():
-            name, stamp = line.split()
+            name, stamp, peak = line.split()
             events.setdefault(name, float(stamp) - start)
-    first_step = events.get("first_step")
+            peaks.setdefault(name, float(peak))
     row = {
         "wall_s": round(wall, 3),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "load_average": round(load, 2),
     }
-    if first_step is not None:
-        row["setup_s"] = round(events.get("reference_pass", first_step), 3)
-        row["startup_s"] = round(first_step, 3)
+    if "imports_done" in events:
+        row["imports_s"] = round(events["imports_done"], 3)
+        row["rss_after_imports_mb"] = peaks["imports_done"]
+    if "first_step" in events:
+        row["setup_s"] = round(events.get("reference_pass", events["first_step"]), 3)
+        row["startup_s"] = round(events["first_step"], 3)
+        row["rss_at_first_step_mb"] = peaks["first_step"]
     return row
 
 
@@ -120,8 +137,8 @@ class Arms:
         self.dpo_data = write_pairs(work / f"dpo_{cli.pairs}_0.jsonl", cli.pairs)
         self.sft_data = write_sft_examples(work / f"sft_{cli.sft_examples}.jsonl", cli.sft_examples)
 
-    def command(self, arm: str, run_dir: Path) -> tuple[list[str], Path]:
-        """``(argv, cwd)`` of ``arm`` writing under ``run_dir`` (fresh per run)."""
+    def command(self, arm: str, run_dir: Path, gpt: Path = GPT) -> tuple[list[str], Path]:
+        """``(argv, cwd)`` of ``arm`` writing under ``run_dir`` (fresh per run); ``gpt``: our entry scripts."""
         cli = self.cli
         common = {"hf": str(self.hf_dir), "nemo": str(self.nemo), "batch": cli.batch, "epochs": 1}
         common.update(threads=None, device="cpu", precision="32", save=True)
@@ -130,26 +147,26 @@ class Arms:
             overrides = our_dpo_overrides(args, str(run_dir))
             # ours_prefix_sharing's arm settings are the defaults on the CPU: leave them out, as a user does.
             overrides = [o for o in overrides if "prefix_sharing" not in o and "local_core_attention" not in o]
-            return [sys.executable, str(GPT / "train_gpt_dpo.py"), *overrides], REPO
+            return [sys.executable, str(gpt / "train_gpt_dpo.py"), *overrides], REPO
         if arm in ("dpo_trl_default", "dpo_trl_precompute"):
             args = {**common, "data": str(self.dpo_data), "arm": arm.removeprefix("dpo_")}
             script = REPO / "benchmarks" / "dpo_throughput.py"
             return [cli.trl_python, str(script), "--worker", json.dumps(args)], REPO
         if arm == "sft_ours":
-            return [sys.executable, str(GPT / "train_gpt_sft.py"), *our_sft_overrides(self, run_dir)], REPO
+            return [sys.executable, str(gpt / "train_gpt_sft.py"), *our_sft_overrides(self, run_dir)], REPO
         if arm == "sft_trl":
             args = {**common, "data": str(self.sft_data), "out": str(run_dir)}
             return [cli.trl_python, str(Path(__file__).resolve()), "--sft_worker", json.dumps(args)], REPO
         raise ValueError(arm)
 
 
-def quickstart_command(arm: str, run_dir: Path) -> tuple[list[str], Path]:
+def quickstart_command(arm: str, run_dir: Path, gpt: Path = GPT) -> tuple[list[str], Path]:
     """The quick start's command 1, its two halves, run in ``run_dir`` (where they write ``results/``)."""
     if arm == "quickstart_sft":
-        return [sys.executable, str(GPT / "train_gpt_sft.py")], run_dir
+        return [sys.executable, str(gpt / "train_gpt_sft.py")], run_dir
     sft_nemo = run_dir / "results" / "megatron_gpt_sft" / "checkpoints" / "megatron_gpt_sft.nemo"
     restore = f"pretrained_checkpoint.restore_from_path={sft_nemo}"
-    return [sys.executable, str(GPT / "train_gpt_spin.py"), "--config-name", "gpt_spin_tiny", restore], run_dir
+    return [sys.executable, str(gpt / "train_gpt_spin.py"), "--config-name", "gpt_spin_tiny", restore], run_dir
 
 
 def write_sft_examples(path: Path, count: int) -> Path:
@@ -189,6 +206,9 @@ def sft_worker(args: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from nemo_aligner.utils.timers import mark_event
+
+    mark_event("imports_done")
     tokenizer = AutoTokenizer.from_pretrained(args["hf"])
     model = AutoModelForCausalLM.from_pretrained(args["hf"], dtype=torch.float32, attn_implementation="sdpa")
     rows = read_jsonl(Path(args["data"]))
@@ -222,35 +242,48 @@ def sft_worker(args: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- rounds
-def run_group(arms: Arms | None, names: list[str], threads: int | None, rounds: int, work: Path) -> dict[str, Any]:
-    """``rounds`` interleaved rounds of ``names``; the quick start's two commands run in order in one directory."""
+def run_group(
+    arms: Arms | None, names: list[str], threads: int | None, rounds: int, work: Path, before: Path | None
+) -> dict[str, Any]:
+    """``rounds`` interleaved rounds of ``names``; the quick start's two commands run in order in one directory.
+    With ``before`` (a checkout of an earlier commit), every arm of ours also runs from there as ``<arm>_before``."""
+    if before is not None:
+        names = [*names, *(f"{n}_before" for n in names if "trl" not in n)]
     results = []
     for r in range(rounds):
-        order = names if names[0].startswith("quickstart") else names[r % len(names) :] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
+        if arms is None:  # the quick start: SFT then SPIN, each checkout in its own directory
+            order = [n for n in names if n.endswith("_before") == (r % 2 == 1)]
+            order += [n for n in names if n not in order]
         round_results = {}
         run_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"run_{r}_"))
         for name in order:
-            arm_dir = run_dir if name.startswith("quickstart") else run_dir / name
+            arm, is_before = name.removesuffix("_before"), name.endswith("_before")
+            repo = before if is_before else REPO
+            gpt = repo / "examples" / "nlp" / "gpt"
+            arm_dir = run_dir / ("before" if is_before else "after") if arms is None else run_dir / name
             arm_dir.mkdir(exist_ok=True)
-            cmd, cwd = quickstart_command(name, arm_dir) if arms is None else arms.command(name, arm_dir)
-            row = run_process(cmd, cwd, threads, run_dir / f"{name}.log")
+            cmd, cwd = quickstart_command(arm, arm_dir, gpt) if arms is None else arms.command(arm, arm_dir, gpt)
+            row = run_process(cmd, cwd, threads, run_dir / f"{name}.log", repo)
             round_results[name] = row
             print(f"round {r} threads={threads or 'default'} {name}: {json.dumps(row)}", file=sys.stderr)
         results.append(round_results)
         subprocess.run(["rm", "-rf", str(run_dir)], check=False)
-    return {"rounds": results, **summarize(results, names)}
+    return {"rounds": results, **summarize(results, list(results[0]))}
 
 
 def summarize(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> dict[str, Any]:
+    """Per arm the median of each key; the ratios other/ours (TRL's arms, and ``<arm>_before``) per round and
+    their median: above 1, ours is faster (or smaller)."""
     medians = {
         arm: {key: statistics.median(r[arm][key] for r in rounds) for key in KEYS if key in rounds[0][arm]}
         for arm in names
     }
     ratios = {}
-    ours = names[0]
-    for other in names[1:]:
-        if ours.startswith("quickstart"):
-            break
+    pairs = [(n, f"{n}_before") for n in names if f"{n}_before" in names]
+    if not names[0].startswith("quickstart"):
+        pairs += [(names[0], other) for other in names[1:] if "trl" in other]
+    for ours, other in pairs:
         for key in KEYS:
             if key in rounds[0][ours] and key in rounds[0][other]:
                 per_round = [r[other][key] / r[ours][key] for r in rounds]
@@ -261,7 +294,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sft_worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="the acceptance subset: DPO tiny and 58m, default threads")
+    parser.add_argument("--quick", action="store_true", help="the acceptance subset: DPO, tiny (256 pairs) and 58m, default threads")
     parser.add_argument("--models", nargs="+", choices=("tiny", "58m"), default=["tiny", "58m"])
     parser.add_argument("--groups", nargs="+", choices=sorted(GROUPS), default=list(GROUPS))
     parser.add_argument("--threads", nargs="+", default=["default", "1"], help="'default' and/or counts")
@@ -273,13 +306,14 @@ def main() -> None:
     default_trl = "/work/venv_trl/bin/python" if Path("/work/venv_trl/bin/python").exists() else sys.executable
     parser.add_argument("--trl_python", default=default_trl, help="a python with trl, datasets, transformers")
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "nemo_aligner_bench"))
+    parser.add_argument("--before_repo", help="a checkout of an earlier commit: its arms of ours run too")
     parser.add_argument("--out")
     cli = parser.parse_args()
     if cli.sft_worker:
         sft_worker(json.loads(cli.sft_worker))
         return
     if cli.quick:
-        cli.groups, cli.threads = ["dpo"], ["default"]
+        cli.groups, cli.threads, cli.pairs = ["dpo"], ["default"], min(cli.pairs, 256)
     work = Path(cli.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
@@ -300,7 +334,8 @@ def main() -> None:
                     shape_cli = argparse.Namespace(**{**vars(cli), "pairs": size, "sft_examples": size})
                     arms = Arms(shape_cli, work, shape)
                 key = f"{group}/{shape or 'quickstart'}/threads={threads_name}"
-                result["results"][key] = run_group(arms, list(GROUPS[group]), threads, cli.rounds, work)
+                before = Path(cli.before_repo).resolve() if cli.before_repo else None
+                result["results"][key] = run_group(arms, list(GROUPS[group]), threads, cli.rounds, work, before)
                 result["results"][key]["model"] = shape and {
                     "name": shape,
                     "parameters": SHAPES[shape].num_parameters(),

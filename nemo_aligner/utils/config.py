@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.utils.run_lock import released_on_exit
+from nemo_aligner.utils.timers import mark_event
 
 EMBEDDED_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "embedded"
 
@@ -65,6 +66,7 @@ def hydra_runner(config_path: str, config_name: str):
     def decorator(task: Callable[[DictConfig], None]):
         @functools.wraps(task)
         def wrapper(cfg: DictConfig | None = None):
+            mark_event("imports_done")
             register_resolvers()
             configure_logging()
             if cfg is not None:
