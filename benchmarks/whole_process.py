@@ -294,7 +294,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sft_worker", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="the acceptance subset: DPO, tiny (256 pairs) and 58m, default threads")
+    parser.add_argument("--quick", action="store_true", help="DPO only, tiny at 256 pairs, default threads")
     parser.add_argument("--models", nargs="+", choices=("tiny", "58m"), default=["tiny", "58m"])
     parser.add_argument("--groups", nargs="+", choices=sorted(GROUPS), default=list(GROUPS))
     parser.add_argument("--threads", nargs="+", default=["default", "1"], help="'default' and/or counts")
