@@ -57,6 +57,7 @@ from benchmarks.common import (  # noqa: E402
     Stopwatch,
     build_models,
     current_rss_mb,
+    default_trl_python,
     first_step_callback,
     interleaved_rounds,
     machine_info,
@@ -313,6 +314,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--pair_tokens", type=int, default=0, help="stretch each pair to about this many tokens")
     parser.add_argument("--peak_tflops", type=float, help="accelerator peak for MFU (default: 989, H200 bf16 dense)")
+    parser.add_argument("--trl_python", default=default_trl_python(), help="a python with trl and datasets")
     parser.add_argument("--out")
     cli = parser.parse_args()
     if cli.worker:
@@ -341,7 +343,11 @@ def main() -> None:
         common.update(precision=cli.precision, parameters=SHAPES[cli.model].num_parameters())
         common.update(peak_tflops=cli.peak_tflops or PEAK_TFLOPS.get(cli.device, 0.0))
         arms = {
-            arm: (lambda arm=arm, common=common: run_worker(script, {**common, "arm": arm}, cli.threads))
+            arm: (
+                lambda arm=arm, common=common: run_worker(
+                    script, {**common, "arm": arm}, cli.threads, cli.trl_python if "trl" in arm else None
+                )
+            )
             for arm in cli.arms
         }
         rounds = interleaved_rounds(arms, cli.rounds, log=lambda m: print(m, file=sys.stderr))

@@ -59,6 +59,7 @@ from benchmarks.common import (  # noqa: E402
     REPO,
     SHAPES,
     build_models,
+    default_trl_python,
     first_step_callback,
     read_jsonl,
     write_json,
@@ -303,8 +304,7 @@ def main() -> None:
     parser.add_argument("--sft_examples", type=int, default=512, help="SFT: first N lines of sft_train.jsonl")
     parser.add_argument("--batch", type=int, default=8, help="pairs (DPO) or examples (SFT) per optimizer step")
     parser.add_argument("--pairs_58m", type=int, default=64, help="--pairs and --sft_examples for the 58m model")
-    default_trl = "/work/venv_trl/bin/python" if Path("/work/venv_trl/bin/python").exists() else sys.executable
-    parser.add_argument("--trl_python", default=default_trl, help="a python with trl, datasets, transformers")
+    parser.add_argument("--trl_python", default=default_trl_python(), help="a python with trl and datasets")
     parser.add_argument("--work_dir", default=str(Path(tempfile.gettempdir()) / "nemo_aligner_bench"))
     parser.add_argument("--before_repo", help="a checkout of an earlier commit: its arms of ours run too")
     parser.add_argument("--out")
