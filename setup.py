@@ -23,12 +23,13 @@ INSTALL_REQUIRES = [
     "tensorboard",
     "jinja2",  # judge prompt templates
     "scipy",  # Bradley-Terry (Elo) fit of meta-judge verdicts
+    "matplotlib",  # the PNG plots every run writes at its end (imported only then)
 ]
 
 EXTRAS = {
     "test": ["pytest>=8", "ruff==0.17.6", "wandb", "matplotlib"],
     "wandb": ["wandb"],
-    "plot": ["matplotlib"],  # scripts/plot_metrics.py
+    "plot": ["matplotlib"],  # scripts/plot_metrics.py (now also a base dependency; kept for existing commands)
     # benchmarks/: the peers we measure against (TRL's DPOTrainer, Hugging Face generate).
     "bench": ["trl>=1.16", "datasets", "accelerate"],
     # GPU accelerators: used when importable, never required.

@@ -9,6 +9,8 @@ import warnings
 # TransformerEngine) are missing and that it uses its torch fallbacks; docs/megatron_cpu.md says so once.
 # torch warns that DCP's ShardedTensor (which megatron-core's checkpointing uses) is deprecated.
 warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+# megatron-core 0.16's checkpoint loader calls torch DCP's deprecated load_state_dict on every restore.
+warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
 # Its TransformerConfig also warns on every model build about a CUDA-graph default we do not use.
 for _message in ("Apex is not installed", "Transformer Engine and Apex are not installed", "full scope is deprecated"):
     warnings.filterwarnings("ignore", message=_message, category=UserWarning)

@@ -10,13 +10,21 @@ data's :func:`~nemo_aligner.data.embedded.exact_match` (equal after stripping wh
     model = MegatronGPTModel.restore_from("sft.nemo")
     exact_match_accuracy(model, "chat_test.jsonl", cfg.model.data)
     # {"accuracy": 0.46, "num_samples": 300, "per_task": {"add": {"accuracy": 0.2, "num_samples": 43}, ...}}
+
+During training, :class:`GenerationEvaluator` (``trainer.<algorithm>.evaluation``) scores the same way on the first
+``num_prompts`` held-out prompts at every validation and before the first step, sharded over data-parallel ranks;
+the loop logs its metrics as ``val/<metric>`` and :class:`EvaluationReport` keeps them in ``evaluation.json``.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -98,19 +106,40 @@ def greedy_predictions(
     dataset = build_sft_dataset(data_cfg, split_cfg, tokenizer, seed=model.seed)
     records = [record.data for record in read_jsonl(file_path)]
     count = len(dataset) if max_samples is None else min(max_samples, len(dataset))
-    sampling = greedy_sampling_params(end_strings)
-    length = {"max_length": max_new_tokens, "min_length": 0}
     pairs = [dataset.prompt_and_answer(i) for i in range(count)]
-    # Batches of similar prompt lengths: the KV-cached decoder steps one token at a time past the shortest prompt.
-    order = sorted(range(count), key=lambda i: len(pairs[i][0]))
-    results: list[tuple[dict[str, Any], str, str] | None] = [None] * count
-    for start in range(0, count, batch_size):
-        indices = order[start : start + batch_size]
-        output = model.generate([list(pairs[i][0]) for i in indices], sampling, length)
-        for i, response in zip(indices, output.response_ids):
-            prediction = response_text(response, tokenizer, end_strings)
-            truth = response_text(pairs[i][1], tokenizer, end_strings)
-            results[i] = (records[i], prediction, truth)
+    responses = generate_responses(
+        model, [p for p, _ in pairs], greedy_sampling_params(end_strings), max_new_tokens, batch_size
+    )
+    return [
+        (
+            records[i],
+            response_text(response, tokenizer, end_strings),
+            response_text(pairs[i][1], tokenizer, end_strings),
+        )
+        for i, (response, _) in enumerate(responses)
+    ]
+
+
+def generate_responses(
+    model: MegatronGPTModel,
+    prompts: Sequence[Sequence[int]],
+    sampling_params: Mapping[str, Any],
+    max_new_tokens: int,
+    batch_size: int,
+    seeds: Sequence[int] | None = None,
+) -> list[tuple[list[int], bool]]:
+    """``(response ids, ended)`` per prompt, in the order given, from ``model.generate`` (the rollouts' batched,
+    KV-cached generation) in batches of ``batch_size`` prompts of similar lengths (the decoder steps one token at
+    a time past a batch's shortest prompt). ``seeds`` (one per prompt) key sampling; greedy needs none."""
+    length = {"max_length": max_new_tokens, "min_length": 0}
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[tuple[list[int], bool] | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        chunk_seeds = None if seeds is None else [seeds[i] for i in chunk]
+        output = model.generate([list(prompts[i]) for i in chunk], sampling_params, length, chunk_seeds)
+        for i, response, ended in zip(chunk, output.response_ids, output.ended):
+            results[i] = ([int(t) for t in response], bool(ended))
     return results
 
 
@@ -208,3 +237,263 @@ def rollout_judge_quality(records: Mapping[int, Mapping[str, Any]], high: float)
         "correct_responses": float(len(correct_means)),
         "wrong_responses": float(len(wrong_means)),
     }
+
+
+# ---------------------------------------------------------------------------------------------- during training
+METRICS = ("exact_match",)
+"""The ``trainer.<algorithm>.evaluation.metric`` values: how a response is compared with the reference answer."""
+
+BUILTIN_NORMALIZERS: dict[str, Callable[[str], str]] = {
+    "lower": lambda text: " ".join(text.lower().split()),
+    "whitespace": lambda text: " ".join(text.split()),
+}
+"""``evaluation.normalizer`` names besides ``module:function``: applied to both sides before they are compared."""
+
+
+class PromptSource(Protocol):
+    """Held-out prompts with reference answers: an ``SFTDataset`` or :class:`PreferencePrompts`."""
+
+    def __len__(self) -> int: ...
+
+    def prompt_and_answer(self, index: int) -> tuple[Sequence[int], Sequence[int]]: ...
+
+
+class PreferencePrompts:
+    """A DPO dataset's prompts, the chosen response as the reference answer."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def prompt_and_answer(self, index: int) -> tuple[list[int], list[int]]:
+        pair = self.dataset.pairs[index]
+        ids = pair.chosen_ids.tolist()
+        return ids[: pair.prompt_length], ids[pair.prompt_length :]
+
+
+def load_normalizer(name: str | None) -> Callable[[str], str] | None:
+    """``evaluation.normalizer``: None, a built-in name (``lower``, ``whitespace``) or ``package.module:function``
+    (a ``str -> str`` of the user's, applied to the response and the reference answer before they are compared).
+    ValueError naming the key when it cannot be found."""
+    if not name:
+        return None
+    if name in BUILTIN_NORMALIZERS:
+        return BUILTIN_NORMALIZERS[name]
+    module_name, _, attribute = str(name).partition(":")
+    if not attribute:
+        raise ValueError(f"{name!r} is neither {' nor '.join(BUILTIN_NORMALIZERS)} nor 'package.module:function'")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import {name!r}: {err}") from None
+    if not callable(function):
+        raise ValueError(f"{name!r} is not callable")
+    return function
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """``trainer.<algorithm>.evaluation`` (the YAMLs hold every default)."""
+
+    num_prompts: int
+    max_length: int
+    batch_size: int
+    metric: str
+    normalizer: str | None
+    sampling: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any] | None) -> EvaluationConfig | None:
+        """None when the node is absent or ``enabled`` is false."""
+        if not node or not node.get("enabled", False):
+            return None
+        plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        return cls(
+            num_prompts=int(plain["num_prompts"]),
+            max_length=int(plain["max_length"]),
+            batch_size=int(plain.get("batch_size") or plain["num_prompts"]),
+            metric=str(plain.get("metric") or "exact_match"),
+            normalizer=plain.get("normalizer"),
+            sampling=evaluation_sampling_params(plain.get("sampling")),
+        )
+
+
+def evaluation_sampling_params(sampling: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``evaluation.sampling`` as complete NeMo ``sampling_params``: keys left out are greedy decoding's."""
+    sampling = dict(sampling or {})
+    return {**greedy_sampling_params(sampling.get("end_strings") or DEFAULT_END_STRINGS), **sampling}
+
+
+Judge = Callable[[Mapping[int, Sequence[int]], Mapping[int, Sequence[int]]], Mapping[int, "float | None"]]
+"""``(prompts, responses) -> score`` per sample index (None: no valid judgement): Self-Rewarding's own judge."""
+
+
+class GenerationEvaluator:
+    """Held-out generation metrics of a model during training (``trainer.<algorithm>.evaluation``).
+
+    The model answers the first ``num_prompts`` prompts of ``prompts`` (each data-parallel rank a strided share,
+    the tensor- and pipeline-parallel ranks of a replica together, with the batched generation of the rollouts);
+    the results are gathered, so every rank returns the same metrics:
+
+    * ``exact_match``: share of responses equal to the reference answer (:func:`response_text` on both, then the
+      optional normaliser, then the embedded data's :func:`~nemo_aligner.data.embedded.exact_match`);
+    * ``response_length``: mean number of generated tokens (an end token included);
+    * ``unfinished_fraction``: share of responses that hit ``max_length`` without an end string;
+    * ``judge_score`` (with a ``judge``: Self-Rewarding's) mean valid score of the responses, and
+      ``judge_unparseable_fraction``.
+
+    Sampling (``use_greedy: false``) draws each prompt's response with the same key at every evaluation.
+    """
+
+    def __init__(self, cfg: EvaluationConfig, prompts: PromptSource, tokenizer: Tokenizer, seed: int):
+        self.cfg = cfg
+        self.prompts = prompts
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.normalize = load_normalizer(cfg.normalizer)
+        self.end_strings = tuple(cfg.sampling.get("end_strings") or ())
+        self.num_prompts = min(cfg.num_prompts, len(prompts))
+
+    def answers_match(self, response_ids: Sequence[int], answer_ids: Sequence[int]) -> bool:
+        prediction = response_text(response_ids, self.tokenizer, self.end_strings)
+        truth = response_text(answer_ids, self.tokenizer, self.end_strings)
+        if self.normalize is not None:
+            prediction, truth = self.normalize(prediction), self.normalize(truth)
+        return exact_match(prediction, truth)
+
+    def evaluate(self, model, judge: Judge | None = None) -> dict[str, float]:
+        from megatron.core import parallel_state
+
+        from nemo_aligner.utils.distributed import union_over_data_parallel
+        from nemo_aligner.utils.seeds import sample_seed
+
+        dp_rank = parallel_state.get_data_parallel_rank()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        mine = list(range(self.num_prompts))[dp_rank::dp_size]
+        pairs = {i: self.prompts.prompt_and_answer(i) for i in mine}
+        prompts = [list(pairs[i][0]) for i in mine]
+        seeds = None if self.cfg.sampling.get("use_greedy", True) else [sample_seed(self.seed, 0, i) for i in mine]
+        responses = generate_responses(
+            model, prompts, self.cfg.sampling, self.cfg.max_length, self.cfg.batch_size, seeds
+        )
+        local = {
+            i: {"correct": self.answers_match(ids, pairs[i][1]), "length": len(ids), "ended": ended}
+            for i, (ids, ended) in zip(mine, responses)
+        }
+        if judge is not None:
+            scores = judge(dict(zip(mine, prompts)), {i: ids for i, (ids, _) in zip(mine, responses)})
+            for i in mine:
+                local[i]["score"] = scores.get(i)
+        results = list(union_over_data_parallel(local).values())
+        count = max(len(results), 1)
+        metrics = {
+            "exact_match": sum(r["correct"] for r in results) / count,
+            "response_length": sum(r["length"] for r in results) / count,
+            "unfinished_fraction": sum(not r["ended"] for r in results) / count,
+        }
+        if judge is not None:
+            valid = [r["score"] for r in results if r.get("score") is not None]
+            metrics["judge_score"] = sum(valid) / len(valid) if valid else float("nan")
+            metrics["judge_unparseable_fraction"] = 1.0 - len(valid) / count
+        return metrics
+
+
+def build_evaluator(node: Mapping[str, Any] | None, prompts: PromptSource, tokenizer, seed: int):
+    """The run's :class:`GenerationEvaluator`, or None when ``evaluation.enabled`` is false or absent."""
+    cfg = EvaluationConfig.from_config(node)
+    return None if cfg is None else GenerationEvaluator(cfg, prompts, tokenizer, seed)
+
+
+# ---------------------------------------------------------------------------------------------- the report
+REPORT_FILE = "evaluation.json"
+TABLE_METRICS = ("exact_match", "response_length", "unfinished_fraction", "judge_score")
+
+
+class EvaluationReport:
+    """The run's evaluations in order: before the first step, at each validation and iteration end, and the last
+    one marked as the end. Kept in ``<log dir>/evaluation.json`` (rewritten at each evaluation by global rank 0,
+    so it survives a crash; a resumed run keeps the entries up to its resume step)."""
+
+    def __init__(self, path: Path | None, num_prompts: int = 0):
+        self.path = None if path is None else Path(path)
+        self.num_prompts = num_prompts
+        self.entries: list[dict[str, Any]] = []
+
+    def resume(self, step: int) -> None:
+        """A fresh run (step 0) starts an empty report; a resumed one keeps the stored entries up to ``step``."""
+        self.entries = []
+        if step > 0 and self.path is not None and self.path.is_file():
+            stored = json.loads(self.path.read_text(encoding="utf-8")).get("evaluations", [])
+            self.entries = [e for e in stored if int(e["step"]) <= step]
+            for entry in self.entries:
+                entry.pop("end", None)
+
+    def latest(self, step: int) -> dict[str, float] | None:
+        """The metrics of an evaluation already made at ``step`` (None if none)."""
+        if self.entries and self.entries[-1]["step"] == step:
+            return self.entries[-1]["metrics"]
+        return None
+
+    def record(self, step: int, label: str, metrics: Mapping[str, float], **where: Any) -> None:
+        """Add an evaluation; one already at ``step`` takes the more telling ``label`` (an iteration's end)."""
+        if self.entries and self.entries[-1]["step"] == step:
+            if label.startswith("iteration"):
+                self.entries[-1]["label"] = label
+                self.write()
+            return
+        self.entries.append({"label": label, "step": int(step), **where, "metrics": dict(metrics)})
+        self.write()
+
+    def finish(self) -> None:
+        if self.entries:
+            self.entries[-1]["end"] = True
+            self.write()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"num_prompts": self.num_prompts, "evaluations": self.entries}
+
+    def write(self) -> None:
+        from nemo_aligner.utils.distributed import is_global_rank_zero
+
+        if self.path is None or not is_global_rank_zero():
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.as_dict(), indent=1), encoding="utf-8")
+        temporary.replace(self.path)
+
+    def table(self) -> str:
+        """The report as a text table (what the run's summary prints)."""
+        return format_table(self.as_dict())
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """An ``evaluation.json`` as a text table: one row per evaluation (when, step, the metrics)."""
+    entries = report.get("evaluations", [])
+    names = [m for m in TABLE_METRICS if any(m in e["metrics"] for e in entries)]
+    header = f"{'when':<22}{'step':>6}" + "".join(f"{name:>22}" for name in names)
+    lines = [f"held-out evaluation ({report.get('num_prompts', '?')} prompts)", header]
+    for entry in entries:
+        when = entry["label"] + (" (end)" if entry.get("end") else "")
+        cells = "".join(f"{entry['metrics'].get(name, float('nan')):>22.4f}" for name in names)
+        lines.append(f"{when:<22}{entry['step']:>6}{cells}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m nemo_aligner.evaluation RUN_DIR``: print the run's ``evaluation.json`` as a table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print a run's held-out evaluation table (evaluation.json).")
+    parser.add_argument("run_dir", type=Path, help="the run's results directory, e.g. results/megatron_gpt_spin")
+    args = parser.parse_args(argv)
+    path = args.run_dir / REPORT_FILE
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; was trainer.<algorithm>.evaluation.enabled true for this run?")
+    print(format_table(json.loads(path.read_text(encoding="utf-8"))))
+
+
+if __name__ == "__main__":
+    main()

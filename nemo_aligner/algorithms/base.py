@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,9 @@ class BaseTrainer:
         self.val_batches = limited(len(val_dataloader), cfg.get("limit_val_batches", 1.0)) if val_dataloader else 0
         self.last_val_metrics: dict[str, float] = {}
         self.health = NonFiniteGuard.from_config(cfg)
+        # Held-out generation evaluation (trainer.<algorithm>.evaluation; set by the recipe when enabled).
+        self.evaluator = None  # nemo_aligner.evaluation.GenerationEvaluator
+        self.evaluation_report = None  # nemo_aligner.evaluation.EvaluationReport
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -218,7 +222,9 @@ class BaseTrainer:
             return
         self.model.prepare_for_training()
         with self.progress_bar() as progress, PreemptionHandler() as preemption:
+            self.evaluate_before_training()
             self.train_until(self.max_steps, progress, preemption)
+        self.finish_evaluation()
         self.model.finish_training()
         if self.logger is not None:
             self.logger.finalize()
@@ -278,9 +284,45 @@ class BaseTrainer:
         if self.step % self.val_check_interval == 0 or is_last:
             self.last_val_metrics = self.run_validation()
             self.log(self.last_val_metrics, self.metric_prefix_val)
+            self.last_val_metrics.update(self.run_evaluation(f"step {self.step}"))
         if self.ckpt_callback is not None and (self.step % self.save_interval == 0 or is_last or stop):
             self.save(is_train_end=is_last)
         return stop or is_last
+
+    # ------------------------------------------------------------------ held-out generation evaluation
+    evaluation_judge = None
+    """Scores the evaluation's responses (``nemo_aligner.evaluation.Judge``): Self-Rewarding's own judge."""
+
+    def evaluate_before_training(self) -> None:
+        """The report of a fresh run starts with the initial model's metrics; a resumed run's keeps its entries."""
+        if self.evaluator is None:
+            return
+        self.evaluation_report.resume(self.step)
+        if self.step == 0:
+            self.run_evaluation("start")
+
+    def run_evaluation(self, label: str) -> dict[str, float]:
+        """Held-out generation metrics of the current weights, logged as ``val/<metric>`` and added to the report
+        (once per step: a validation and an iteration end at the same step share one); {} when disabled."""
+        if self.evaluator is None:
+            return {}
+        metrics = self.evaluation_report.latest(self.step)
+        if metrics is None:
+            started = time.perf_counter()
+            metrics = self.evaluator.evaluate(self.model, judge=self.evaluation_judge)
+            seconds = time.perf_counter() - started  # its cost, a wall-clock phase timer like the rollout's
+            self.log(metrics, self.metric_prefix_val)
+            self.log({"timers/evaluation_s": seconds}, self.metric_prefix_train)
+            where = {"epoch": self.epoch, "iteration": getattr(self, "iteration", 0), "seconds": seconds}
+            self.evaluation_report.record(self.step, label, metrics, **where)
+        else:
+            self.evaluation_report.record(self.step, label, metrics)
+        return metrics
+
+    def finish_evaluation(self) -> None:
+        """The last evaluation of a finished run is marked as its end (not that of a run stopped early)."""
+        if self.evaluator is not None and self.step >= self.max_steps:
+            self.evaluation_report.finish()
 
     def save(self, extra_candidates: Mapping[str, Any] | None = None, is_train_end: bool = False) -> None:
         """A checkpoint now; ``extra_candidates`` add to the values its name and ``monitor`` read (NeMo-Aligner's

@@ -88,14 +88,18 @@ class IterativeTrainer(BaseTrainer):
             return
         self.model.prepare_for_training()
         with self.progress_bar() as progress, PreemptionHandler() as preemption:
+            self.evaluate_before_training()
             while self.iteration < self.max_iterations and self.step < self.max_steps:
                 self.start_iteration()
                 iteration_end = min((self.iteration + 1) * self.steps_per_iteration, self.max_steps)
                 stop = self.train_until(iteration_end, progress, preemption)
                 self.log(self.timers.pop_metrics(), self.metric_prefix_train)
+                if self.step >= iteration_end:
+                    self.announce_iteration_end()
                 if stop:
                     break
                 self.finish_iteration()
+        self.finish_evaluation()
         self.model.finish_training()
         if self.logger is not None:
             self.logger.finalize()
@@ -108,10 +112,12 @@ class IterativeTrainer(BaseTrainer):
         path = self.rollout_dir / f"iteration_{self.iteration}.pt" if self.rollout_dir else None
         if path is not None and path.is_file():
             rollout = torch.load(path, map_location="cpu", weights_only=True)
-            logger.info("Iteration %d: reusing the persisted rollout %s", self.iteration, path)
+            logger.info("Iteration %d/%d: reusing the persisted rollout %s", *self.iteration_of(), path)
         else:
+            logger.info("Iteration %d/%d: rollout started (%s)", *self.iteration_of(), self.rollout_dir_name)
             with self.timers("rollout"):
                 rollout = self.run_rollout()
+            logger.info("Iteration %d/%d: rollout done in %.1f s", *self.iteration_of(), self.timers.seconds["rollout"])
             if path is not None and is_global_rank_zero():
                 path.parent.mkdir(parents=True, exist_ok=True)
                 torch.save(rollout, path.with_suffix(".tmp"))
@@ -120,6 +126,16 @@ class IterativeTrainer(BaseTrainer):
                 dist.barrier()
         self.use_rollout(rollout)
         self.activate_rollout(rollout)
+
+    def iteration_of(self) -> tuple[int, int]:
+        """(this iteration counted from 1, the number of iterations): how the log names it."""
+        return self.iteration + 1, self.max_iterations
+
+    def announce_iteration_end(self) -> None:
+        """Log the iteration's end (with its held-out evaluation when enabled)."""
+        metrics = self.run_evaluation(f"iteration {self.iteration + 1}")
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        logger.info("Iteration %d/%d done at step %d%s", *self.iteration_of(), self.step, f": {shown}" if shown else "")
 
     def finish_iteration(self) -> None:
         """The policy becomes the reference; the next iteration starts at the beginning of its data."""

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from megatron.core import parallel_state
-from omegaconf import ListConfig
+from omegaconf import ListConfig, OmegaConf
 
 from nemo_aligner.algorithms.iterative import IterativeTrainer
 from nemo_aligner.data.nlp.pairs import SFT, TRAINED_KINDS, SelfRewardingPairsDataset
@@ -139,6 +139,17 @@ class SelfRewardingTrainer(IterativeTrainer):
         generated = self.train_dataloader.dataset.generated
         indices = all_gather_data_parallel(batch["sample_index"])  # the global batch, not this rank's share
         return batch_metrics([generated[int(i)] for i in indices if int(i) != FILLER_INDEX])
+
+    def evaluation_judge(self, prompts: Mapping[int, list[int]], responses: Mapping[int, list[int]]) -> dict:
+        """The held-out evaluation's judge score of each response: the model judges it ``num_evals_to_average``
+        times with the rollouts' judge prompt and regex; the mean of the valid scores (None when none is valid)."""
+        spin = {**OmegaConf.to_container(self.model.spin_config, resolve=True), "num_responses_to_gen": 1}
+        context = int(self.model.cfg.encoder_seq_length)
+        judged = JudgedRollout(self.model, spin, self.chat_prompt_tokens, context)
+        records = {i: {"responses": [list(ids)], "ended": [True]} for i, ids in responses.items()}
+        judged.judge_responses(list(records), prompts, records, iteration=0, seed=self.seed)
+        scores = {i: [s for s in record["scores"][0] if s is not None] for i, record in records.items()}
+        return {i: sum(valid) / len(valid) if valid else None for i, valid in scores.items()}
 
     def run_validation(self) -> dict[str, float]:
         """The SFT validation loss, plus a table of prompt / chosen / rejected (``val/pairs``)."""

@@ -145,13 +145,15 @@ class JudgedRollout:
                 part = slice(n * cfg.num_responses, (n + 1) * cfg.num_responses)
                 records[i] = {"responses": responses[part], "ended": ended[part]}
             with self.timers("judging"):
-                self._judge_responses(chunk, items, records, iteration, seed)
+                self.judge_responses(chunk, items, records, iteration, seed)
                 if cfg.use_meta_judge and cfg.meta_judge_pcnt > 0:
                     self._meta_judge(chunk, records, iteration, seed)
             kill_point("rollout")
         return records
 
-    def _judge_responses(self, chunk, items, records, iteration: int, seed: int) -> None:
+    def judge_responses(self, chunk, items, records, iteration: int, seed: int) -> None:
+        """Judge ``records[i]["responses"]`` (``num_responses`` per prompt) of the prompts ``chunk`` (``items[i]``
+        their ids): ``prompt_text``, ``response_texts``, ``judge_prompts``, ``judgements`` and ``scores`` added."""
         cfg = self.cfg
         values = []
         for i in chunk:

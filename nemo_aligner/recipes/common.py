@@ -12,8 +12,9 @@ the optimizer, whose LR schedule spans that number.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,7 @@ def validate_common(checker: ConfigChecker, loop: str, world_size: int) -> int:
     """Checks every algorithm shares; returns the data-parallel size."""
     check_finite_numbers(checker)
     check_loop(checker, loop)
+    check_evaluation(checker, loop)
     data_parallel_size = check_model_parallel(checker, "model", world_size)
     check_optimizer(checker, "model.optim")
     restore = checker.get("model.restore_from_path") or checker.get("pretrained_checkpoint.restore_from_path")
@@ -182,6 +184,7 @@ class Run:
     model_cfg: DictConfig
     experiment: Experiment
     log: CustomLoggerWrapper
+    started: float = field(default_factory=time.monotonic)  # for the summary's wall time
 
     @property
     def loop_cfg(self) -> DictConfig:
@@ -204,6 +207,9 @@ def start_experiment(
 ) -> Run:
     """The experiment directory (resume point, checkpoints) and the loggers of a launched, checked run."""
     experiment = exp_manager(trainer, cfg.exp_manager)
+    from nemo_aligner.recipes.summary import keep_console_log
+
+    keep_console_log(experiment.log_dir)
     return Run(cfg, loop_key, trainer, restore_path, model_cfg, experiment, CustomLoggerWrapper(trainer.loggers))
 
 
@@ -272,9 +278,61 @@ def assemble(
     loop.ckpt_callback = CheckpointCallback(
         run.experiment, run.cfg.exp_manager.get("checkpoint_callback_params"), loop.checkpoint_state, export
     )
+    attach_evaluation(run, loop, data)
     if before_resume is not None:
         before_resume(loop)
     if run.experiment.resume_path is not None:
         loop.resume_from(run.experiment.resume_path)
     run.log.log_hyperparams(OmegaConf.to_container(run.cfg, resolve=True))
     return loop
+
+
+def check_evaluation(checker: ConfigChecker, loop: str) -> None:
+    """``trainer.<loop>.evaluation`` (held-out generation evaluation), when enabled."""
+    prefix = f"trainer.{loop}.evaluation"
+    if not checker.boolean(f"{prefix}.enabled"):
+        return
+    from nemo_aligner.evaluation import METRICS, evaluation_sampling_params, load_normalizer
+    from nemo_aligner.generation import SamplingParams
+
+    checker.integer(f"{prefix}.num_prompts", minimum=1)
+    checker.integer(f"{prefix}.max_length", minimum=1)
+    checker.integer(f"{prefix}.batch_size", minimum=1, required=False)
+    checker.choice(f"{prefix}.metric", METRICS, required=False)
+    try:
+        load_normalizer(checker.get(f"{prefix}.normalizer"))
+    except ValueError as err:
+        checker.add(f"{prefix}.normalizer", str(err))
+    sampling = checker.get(f"{prefix}.sampling")
+    try:
+        plain = OmegaConf.to_container(sampling, resolve=True) if isinstance(sampling, DictConfig) else sampling
+        SamplingParams.from_config(evaluation_sampling_params(plain))
+    except (ValueError, TypeError) as err:
+        checker.add(f"{prefix}.sampling", str(err))
+
+
+def attach_evaluation(run: Run, loop, data: TrainingData) -> None:
+    """The held-out generation evaluation (``trainer.<algorithm>.evaluation``) on the validation set's prompts (a
+    preference set's chosen responses are its answers), reported in ``<log dir>/evaluation.json``."""
+    node = run.loop_cfg.get("evaluation")
+    if not node or not node.get("enabled", False):
+        return
+    from nemo_aligner.evaluation import REPORT_FILE, EvaluationReport, PreferencePrompts, build_evaluator
+
+    prompts = data.val_dataloader.dataset
+    if not hasattr(prompts, "prompt_and_answer"):
+        prompts = PreferencePrompts(prompts)
+    loop.evaluator = build_evaluator(node, prompts, data.tokenizer, model_seed(run.model_cfg))
+    loop.evaluation_report = EvaluationReport(Path(run.experiment.log_dir) / REPORT_FILE, loop.evaluator.num_prompts)
+
+
+def train(run: Run, loop, after_fit: Callable[[], None] | None = None) -> None:
+    """Train, ``after_fit()`` (e.g. a LoRA run's merged export), then the end of a run: plots of the logged metrics
+    and the summary (``recipes/summary.py``)."""
+    from nemo_aligner.recipes.summary import finish_run
+
+    loop.fit()
+    if after_fit is not None:
+        after_fit()
+    nemo_path = loop.ckpt_callback.final_nemo_path if loop.ckpt_callback is not None else None
+    finish_run(run.experiment.name, loop, Path(run.experiment.log_dir), nemo_path, run.started)

@@ -19,6 +19,7 @@ from nemo_aligner.recipes.common import (
     config_view,
     data_parallel_layout,
     start_run,
+    train,
     validate_common,
 )
 from nemo_aligner.utils.config import model_seed
@@ -57,10 +58,13 @@ def run(cfg: DictConfig) -> None:
         before_resume=precompute_reference,
         nemo_fn=export_lora_run if lora else None,
     )
-    loop.fit()
-    if lora and loop.step >= loop.max_steps:
-        # The adapters were exported beside the checkpoints; the final .nemo is the merged, full model.
-        merge_lora_and_save(loop.model, loop.ckpt_callback.final_nemo_path)
+
+    def merge_lora() -> None:
+        if lora and loop.step >= loop.max_steps:
+            # The adapters were exported beside the checkpoints; the final .nemo is the merged, full model.
+            merge_lora_and_save(loop.model, loop.ckpt_callback.final_nemo_path)
+
+    train(started, loop, after_fit=merge_lora)
 
 
 def validate_dpo_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int) -> None:
@@ -89,7 +93,8 @@ def validate_dpo_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int)
         for split in ("train", "validation"):
             checker.existing_files(f"model.data.data_prefix.{split}")
     checker.raise_if_any()
-    clamp_lengths_to_context(cfg, ("model.data.seq_length",), int(model_cfg.encoder_seq_length))
+    placeholder = cfg.model.get("encoder_seq_length")
+    clamp_lengths_to_context(cfg, ("model.data.seq_length",), int(model_cfg.encoder_seq_length), placeholder)
     with open_dict(model_cfg):
         model_cfg.data.seq_length = min(int(model_cfg.data.seq_length), int(model_cfg.encoder_seq_length))
 

@@ -17,7 +17,7 @@ from nemo_aligner.judges import (
     meta_judge_reward_regex,
 )
 from nemo_aligner.models.nlp.gpt.megatron_gpt_spin_model import MegatronGPTSelfRewardingModel
-from nemo_aligner.recipes.common import assemble, config_view, start_run
+from nemo_aligner.recipes.common import assemble, config_view, start_run, train
 from nemo_aligner.recipes.spin import build_spin_data, start_reference, validate_spin_config
 from nemo_aligner.utils.config import model_seed
 from nemo_aligner.utils.config_validation import ConfigChecker, ConfigError
@@ -31,7 +31,7 @@ def run(cfg: DictConfig) -> None:
     data = build_spin_data(
         cfg, model_cfg, restore_path, max_steps=started.loop_cfg.max_steps, pairs_cls=SelfRewardingPairsDataset
     )
-    assemble(
+    loop = assemble(
         started,
         SelfRewardingTrainer,
         MegatronGPTSelfRewardingModel,
@@ -41,7 +41,8 @@ def run(cfg: DictConfig) -> None:
         rollout_dir=Path(started.experiment.log_dir) / "self_rewarding_rollouts",
         seed=model_seed(model_cfg),
         chat_prompt_tokens=dict(model_cfg.data.get("chat_prompt_tokens") or {}),
-    ).fit()
+    )
+    train(started, loop)
 
 
 TRT_LLM_MODEL_TYPES = ("gptnext", "llama")

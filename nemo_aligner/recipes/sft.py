@@ -25,6 +25,7 @@ from nemo_aligner.recipes.common import (
     model_config_for_training,
     resolve_and_create_trainer,
     start_experiment,
+    train,
     validate_common,
 )
 from nemo_aligner.utils.config import model_seed
@@ -68,7 +69,7 @@ def run(cfg: DictConfig) -> None:
     started = start_experiment(cfg, "sft", trainer, restore_path, model_cfg)
 
     data = build_sft_data(cfg, model_cfg, restore_path, max_steps=cfg.trainer.sft.max_steps)
-    assemble(started, SupervisedTrainer, GPTSFTModel, data).fit()
+    train(started, assemble(started, SupervisedTrainer, GPTSFTModel, data))
 
 
 def use_checkpoint_architecture(cfg: DictConfig, restore_path: str) -> None:

@@ -29,6 +29,7 @@ from nemo_aligner.recipes.common import (
     config_view,
     data_parallel_layout,
     start_run,
+    train,
     validate_common,
 )
 from nemo_aligner.utils.config import model_seed
@@ -45,7 +46,7 @@ def run(cfg: DictConfig) -> None:
     restore_path = cfg.pretrained_checkpoint.restore_from_path
     started = start_run(cfg, "spin", restore_path, validate_spin_config)
     data = build_spin_data(cfg, started.model_cfg, restore_path, max_steps=cfg.trainer.spin.max_steps)
-    assemble(
+    loop = assemble(
         started,
         SPINTrainer,
         MegatronGPTSPINModel,
@@ -54,7 +55,8 @@ def run(cfg: DictConfig) -> None:
         sft_dataset=data.sft_train_dataset,
         rollout_dir=Path(started.experiment.log_dir) / "spin_rollouts",
         seed=model_seed(started.model_cfg),
-    ).fit()
+    )
+    train(started, loop)
 
 
 def start_reference(model: MegatronGPTSPINModel) -> None:
@@ -100,7 +102,7 @@ def validate_spin_config(cfg: DictConfig, model_cfg: DictConfig, world_size: int
     checker.raise_if_any()
     context = int(model_cfg.encoder_seq_length)
     keys = ("model.data.train_ds.max_seq_length", "model.data.validation_ds.max_seq_length")
-    clamp_lengths_to_context(cfg, keys, context)
+    clamp_lengths_to_context(cfg, keys, context, placeholder=cfg.model.get("encoder_seq_length"))
     clamp_lengths_to_context(model_cfg, ("spin.length_params.max_length",), context)
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,16 +46,28 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+class ProgressBarSafeHandler(logging.StreamHandler):
+    """A stderr handler that writes through ``tqdm.write``: a log line printed while the training progress bar is
+    drawn lands on its own line, and the bar is redrawn below it."""
+
+    def emit(self, record) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 (logging must never raise; the standard handler's convention)
+            self.handleError(record)
+
+
 def configure_logging() -> None:
     """``nemo_aligner`` messages at INFO on global rank 0 (WARNING elsewhere), on stderr, once per process."""
-    import logging
     import os
 
     package_logger = logging.getLogger("nemo_aligner")
     if package_logger.handlers:
         return
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
-    handler = logging.StreamHandler()
+    handler = ProgressBarSafeHandler()
     handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S"))
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -96,6 +109,16 @@ def compose_config(config_dir: str | Path, config_name: str, overrides: Sequence
     register_resolvers()
     with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
         return compose(config_name=config_name, overrides=list(overrides))
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """A config file (e.g. ``examples/nlp/gpt/conf/gpt_spin.yaml``) as a script would see it: its Hydra defaults
+    list applied, this package's resolvers (``${embedded_data:...}``, ``${int_div:...}``) registered, then
+    ``overrides``. Plain ``OmegaConf.load`` cannot resolve those interpolations."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    return compose_config(path.parent, path.stem, overrides)
 
 
 NEMO_DEFAULT_SEED = 1234

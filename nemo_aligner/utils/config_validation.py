@@ -310,12 +310,21 @@ def check_resume_checkpoint(checker: ConfigChecker, loop: str | None = None) -> 
             checker.add(key, problem)
 
 
-def clamp_lengths_to_context(cfg: DictConfig, keys: Iterable[str], context: int) -> None:
-    """Lengths above the model's context are lowered to it, with a warning (documented scale-down behaviour)."""
+def clamp_lengths_to_context(
+    cfg: DictConfig, keys: Iterable[str], context: int, placeholder: int | None = None
+) -> None:
+    """Lengths above the model's context are lowered to it, with a warning (documented scale-down behaviour).
+
+    ``placeholder``: the YAML's ``model.encoder_seq_length``, which the checkpoint's value replaces; a length that
+    equals it followed that placeholder (``${model.encoder_seq_length}``), so it follows the checkpoint quietly.
+    """
     for key in keys:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, int) and value > context:
-            logger.warning("%s=%d exceeds the model context (%d); using %d", key, value, context, context)
+            if value == placeholder:
+                logger.debug("%s follows the checkpoint's context: %d", key, context)
+            else:
+                logger.warning("%s=%d exceeds the model context (%d); using %d", key, value, context, context)
             parent, _, leaf = key.rpartition(".")
             with open_dict(cfg):
                 OmegaConf.select(cfg, parent)[leaf] = context

@@ -4,6 +4,7 @@ meta-judge and length control, kill-and-resume, a judge that never parses, the u
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shlex
 import signal
@@ -16,7 +17,7 @@ import torch
 from examples.nlp.gpt.train_gpt_self_rewarding import main as self_rewarding_main
 from examples.nlp.gpt.train_gpt_self_rewarding import validate_self_rewarding_config
 from nemo_aligner.checkpoint.nemo_file import open_nemo, read_torch_dist_tensors
-from nemo_aligner.data.embedded import JUDGE_SCORE_HIGH
+from nemo_aligner.data.embedded import JUDGE_SCORE_HIGH, JUDGE_SCORE_LOW
 from nemo_aligner.evaluation import rollout_judge_quality
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.config_validation import ConfigError
@@ -99,6 +100,12 @@ def test_two_iterations_with_meta_judge_train_then_resume_after_a_kill_to_the_sa
     ):
         assert f"train/{key}" in rows[0], key
     assert bad < 0.5 and meta >= 1
+    # The held-out evaluation (on in the tiny config): the start and each iteration, with the model's own judge score.
+    report = json.loads((tmp_path / "clean" / "evaluation.json").read_text())
+    assert [e["label"] for e in report["evaluations"]] == ["start", "iteration 1", "iteration 2"]
+    for entry in report["evaluations"]:
+        assert entry["metrics"]["judge_unparseable_fraction"] < 1.0
+        assert JUDGE_SCORE_LOW <= entry["metrics"]["judge_score"] <= JUDGE_SCORE_HIGH
     expected = final_weights(tmp_path / "clean")
     # Killed at iteration 2's first training step (its rollout is persisted), then resumed.
     killed = run_subprocess(tmp_path / "resumed", tiny_judge_model, env={"NEMO_ALIGNER_KILL_AT": "after_step:4"})
