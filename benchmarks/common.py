@@ -150,9 +150,19 @@ def run_checked(cmd: list[str], threads: int = 1) -> str:
     return result.stdout
 
 
-def run_worker(script: Path, args: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Run ``script --worker '<json args>'`` in a fresh process; its last stdout line is its JSON result."""
-    stdout = run_checked([sys.executable, str(script), "--worker", json.dumps(args)], threads)
+def default_trl_python() -> str:
+    """The python the TRL arms run with: ``$NEMO_ALIGNER_TRL_PYTHON``, else ``/work/venv_trl/bin/python`` when it
+    exists, else this one. TRL, datasets and pyarrow live in their own environment (``docs/performance.md``): this
+    project's environment does not hold them, and a TRL arm run with its python fails importing ``datasets``."""
+    if os.environ.get("NEMO_ALIGNER_TRL_PYTHON"):
+        return os.environ["NEMO_ALIGNER_TRL_PYTHON"]
+    return "/work/venv_trl/bin/python" if Path("/work/venv_trl/bin/python").exists() else sys.executable
+
+
+def run_worker(script: Path, args: dict[str, Any], threads: int, python: str | None = None) -> dict[str, Any]:
+    """Run ``script --worker '<json args>'`` in a fresh process (``python``, default this one); its last stdout
+    line is its JSON result."""
+    stdout = run_checked([python or sys.executable, str(script), "--worker", json.dumps(args)], threads)
     return json.loads(stdout.strip().splitlines()[-1])
 
 
@@ -220,6 +230,31 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], keys: Sequence[str], base
         per_round = [r[a][key] / r[b][key] for r in rounds]
         ratios[label] = {"median": statistics.median(per_round), "per_round": per_round}
     return {"medians": medians, "ratios": ratios}
+
+
+def marked(event: str, fn: Callable) -> Callable:
+    """``fn`` recording ``event`` (``nemo_aligner.utils.timers.mark_event``) when first called: the peers' scripts
+    report the same start-up events as our trainer."""
+    from nemo_aligner.utils.timers import mark_event
+
+    def wrapped(*args, **kwargs):
+        mark_event(event)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def first_step_callback():
+    """A Hugging Face ``TrainerCallback`` recording ``first_step`` when the first optimizer step begins."""
+    from transformers import TrainerCallback
+
+    from nemo_aligner.utils.timers import mark_event
+
+    class FirstStepMarker(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            mark_event("first_step")
+
+    return FirstStepMarker()
 
 
 def machine_info(threads: int) -> dict[str, Any]:

@@ -57,8 +57,11 @@ from benchmarks.common import (  # noqa: E402
     Stopwatch,
     build_models,
     current_rss_mb,
+    default_trl_python,
+    first_step_callback,
     interleaved_rounds,
     machine_info,
+    marked,
     mfu,
     peak_rss_mb,
     read_jsonl,
@@ -124,6 +127,33 @@ def _gpu_row(device: str) -> dict[str, Any]:
     return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20, "gpu": torch.cuda.get_device_name()}
 
 
+def our_dpo_overrides(args: dict[str, Any], log_dir: str) -> list[str]:
+    """The ``train_gpt_dpo.py`` overrides of an arm: the TRL-matched settings of the module docstring."""
+    data = args["data"]
+    precision = ["trainer.precision=bf16", "model.megatron_amp_O2=true"] if args["precision"] == "bf16" else []
+    return [
+        f"pretrained_checkpoint.restore_from_path={args['nemo']}",
+        f"exp_manager.explicit_log_dir={log_dir}",
+        f"model.data.data_prefix={{train: [{data}], validation: [{data}], test: [{data}]}}",
+        "model.data.append_eod=true",
+        f"model.global_batch_size={args['batch']}",
+        f"model.micro_batch_size={args['batch']}",
+        f"model.seed={SEED}",
+        f"model.dpo.ref_policy_kl_penalty={BETA}",
+        "model.optim.name=adamw",
+        f"model.optim.lr={LR}",
+        "model.optim.weight_decay=0.0",
+        "model.optim.betas=[0.9,0.999]",
+        "model.optim.sched.name=Constant",
+        f"trainer.dpo.max_epochs={args['epochs']}",
+        "trainer.dpo.limit_val_batches=0",
+        "trainer.dpo.gradient_clip_val=1.0",
+        *OUR_VARIANTS[args["arm"]],
+        *precision,
+        *args.get("overrides", []),
+    ]
+
+
 def run_ours(args: dict[str, Any]) -> dict[str, Any]:
     """The DPO entry script in-process, with the reference pass and the loop timed (saves switched off)."""
     import torch
@@ -153,35 +183,10 @@ def run_ours(args: dict[str, Any]) -> dict[str, Any]:
         return original_step(self, batch)
 
     dpo.DPOTrainer.train_single_step = counting_step
-    # Both precisions explicit: gpt_dpo.yaml's default is bf16 + O2 (NeMo-Aligner's).
-    bf16 = args["precision"] == "bf16"
-    precision = [f"trainer.precision={args['precision']}", f"model.megatron_amp_O2={str(bf16).lower()}"]
     _gpu_start(args["device"])
     with tempfile.TemporaryDirectory() as log_dir:
-        data = args["data"]
-        overrides = [
-            f"pretrained_checkpoint.restore_from_path={args['nemo']}",
-            f"exp_manager.explicit_log_dir={log_dir}",
-            "exp_manager.create_tensorboard_logger=false",
-            "exp_manager.create_csv_logger=false",
-            f"model.data.data_prefix={{train: [{data}], validation: [{data}], test: [{data}]}}",
-            "model.data.append_eod=true",
-            f"model.global_batch_size={args['batch']}",
-            f"model.micro_batch_size={args['batch']}",
-            f"model.seed={SEED}",
-            f"model.dpo.ref_policy_kl_penalty={BETA}",
-            "model.optim.name=adamw",
-            f"model.optim.lr={LR}",
-            "model.optim.weight_decay=0.0",
-            "model.optim.betas=[0.9,0.999]",
-            "model.optim.sched.name=Constant",
-            f"trainer.dpo.max_epochs={args['epochs']}",
-            "trainer.dpo.limit_val_batches=0",
-            "trainer.dpo.gradient_clip_val=1.0",
-            *OUR_VARIANTS[args["arm"]],
-            *precision,
-            *args.get("overrides", []),
-        ]
+        loggers_off = ["exp_manager.create_tensorboard_logger=false", "exp_manager.create_csv_logger=false"]
+        overrides = [*our_dpo_overrides(args, log_dir), *loggers_off]
         train_gpt_dpo.main(compose_config(Path(train_gpt_dpo.__file__).parent / "conf", "gpt_dpo", overrides))
     # reference_0 is the training set's pass (reference_1 validation's, not counted); none without precomputation.
     seconds = {k: watch.seconds.get(f"{k}_0" if k == "reference" else k, 0.0) for k in ("reference", "train")}
@@ -191,15 +196,22 @@ def run_ours(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_trl(args: dict[str, Any], precompute: bool) -> dict[str, Any]:
+    """TRL's ``DPOTrainer`` as a user's script runs it; ``threads: null`` keeps torch's default thread count,
+    ``save: true`` saves the final model (``benchmarks/whole_process.py``)."""
     import torch
 
-    torch.set_num_threads(args["threads"])
+    if args.get("threads"):
+        torch.set_num_threads(args["threads"])
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from nemo_aligner.utils.timers import mark_event
+
+    mark_event("imports_done")
     watch = Stopwatch()
-    DPOTrainer._precompute_ref_logps = watch.wrap("reference", DPOTrainer._precompute_ref_logps)
+    precompute_fn = marked("reference_pass", DPOTrainer._precompute_ref_logps)
+    DPOTrainer._precompute_ref_logps = watch.wrap("reference", precompute_fn)
     tokenizer = AutoTokenizer.from_pretrained(args["hf"])
     model = AutoModelForCausalLM.from_pretrained(args["hf"], dtype=torch.float32, attn_implementation="sdpa")
     _gpu_start(args["device"])
@@ -232,9 +244,17 @@ def run_trl(args: dict[str, Any], precompute: bool) -> dict[str, Any]:
             seed=SEED,
             dataloader_drop_last=True,
         )
-        trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+        trainer = DPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=[first_step_callback()],
+        )
         before = current_rss_mb()
         watch.wrap("train", trainer.train)()
+        if args.get("save"):
+            trainer.save_model(out)
     tokens = sum(
         2 * len(x["prompt_ids"]) + len(x["chosen_ids"]) + len(x["rejected_ids"]) for x in trainer.train_dataset
     )
@@ -294,6 +314,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("32", "bf16"), default="32")
     parser.add_argument("--pair_tokens", type=int, default=0, help="stretch each pair to about this many tokens")
     parser.add_argument("--peak_tflops", type=float, help="accelerator peak for MFU (default: 989, H200 bf16 dense)")
+    parser.add_argument("--trl_python", default=default_trl_python(), help="a python with trl and datasets")
     parser.add_argument("--out")
     cli = parser.parse_args()
     if cli.worker:
@@ -322,7 +343,11 @@ def main() -> None:
         common.update(precision=cli.precision, parameters=SHAPES[cli.model].num_parameters())
         common.update(peak_tflops=cli.peak_tflops or PEAK_TFLOPS.get(cli.device, 0.0))
         arms = {
-            arm: (lambda arm=arm, common=common: run_worker(script, {**common, "arm": arm}, cli.threads))
+            arm: (
+                lambda arm=arm, common=common: run_worker(
+                    script, {**common, "arm": arm}, cli.threads, cli.trl_python if "trl" in arm else None
+                )
+            )
             for arm in cli.arms
         }
         rounds = interleaved_rounds(arms, cli.rounds, log=lambda m: print(m, file=sys.stderr))

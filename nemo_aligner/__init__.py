@@ -14,3 +14,8 @@ warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", cat
 # Its TransformerConfig also warns on every model build about a CUDA-graph default we do not use.
 for _message in ("Apex is not installed", "Transformer Engine and Apex are not installed", "full scope is deprecated"):
     warnings.filterwarnings("ignore", message=_message, category=UserWarning)
+
+# Start-up: dependencies' import-time work that a run may never use waits for its first use (import_deferral.py).
+from nemo_aligner.utils import import_deferral  # noqa: E402
+
+import_deferral.install()

@@ -26,6 +26,7 @@ from nemo_aligner.utils.distributed import is_global_rank_zero
 from nemo_aligner.utils.exp_manager import PreemptionHandler, RunTimer
 from nemo_aligner.utils.health import NonFiniteGuard, agree_any, step_health_metrics
 from nemo_aligner.utils.kill_points import kill_point
+from nemo_aligner.utils.timers import mark_event
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +267,7 @@ class BaseTrainer:
         for batch in self.train_dataloader:
             if steps_done_in_epoch >= self.steps_per_epoch:
                 break
+            mark_event("first_step")
             start = time.monotonic()
             _, metrics = self.train_single_step(batch)
             step_seconds = time.monotonic() - start

@@ -33,28 +33,39 @@ from nemo_aligner.utils.distributed import gather_data_parallel_objects, is_glob
 logger = logging.getLogger(__name__)
 
 
-def training_order_batches(dataloader, first_epoch_steps: int, need_all: bool) -> Iterable[Mapping[str, Any]]:
-    """The batches of the first ``first_epoch_steps`` steps exactly as training will see them (epoch 0 order).
-
-    With ``need_all`` (training goes past those steps), samples not yet scored are added in further batches of
-    the same size, so every sample a later epoch may draw has a value.
-    """
+def training_order_batches(dataloader, steps_per_epoch: int, max_steps: int) -> Iterable[Mapping[str, Any]]:
+    """The batches of the first epoch's steps exactly as training will see them (epoch 0 order), then, when
+    training runs past one epoch, the samples that the later epochs' steps (up to ``max_steps``) draw and that were
+    not scored yet, in further batches of the same size. Nothing the run will not read is scored."""
     sampler = dataloader.batch_sampler
     sampler.consumed_samples = 0
     seen: set[int] = set()
     for step, batch in enumerate(dataloader):
-        if step >= first_epoch_steps:
+        if step >= min(steps_per_epoch, max_steps):
             break
         seen.update(i for i in batch["sample_index"].tolist() if i >= 0)
         yield batch
-    if need_all:
-        yield from _remaining_batches(dataloader, seen)
+    if max_steps > steps_per_epoch:
+        yield from _remaining_batches(dataloader, seen, later_epochs_samples(sampler, steps_per_epoch, max_steps))
 
 
-def _remaining_batches(dataloader, seen: set[int]):
+def later_epochs_samples(sampler, steps_per_epoch: int, max_steps: int) -> set[int]:
+    """The sample indices that epochs 1, 2, ... draw in their first ``steps_per_epoch`` steps, until ``max_steps``
+    steps in all (``BaseTrainer.run_epoch``: an epoch cut short by ``limit_train_batches`` ends there)."""
+    needed: set[int] = set()
+    epoch = 1
+    while epoch * steps_per_epoch < max_steps:
+        order = sampler.epoch_order(epoch)
+        for step in range(min(steps_per_epoch, max_steps - epoch * steps_per_epoch)):
+            needed.update(i for i in sampler.global_batch(order, step) if i >= 0)
+        epoch += 1
+    return needed
+
+
+def _remaining_batches(dataloader, seen: set[int], needed: set[int]):
     sampler = dataloader.batch_sampler
     share = sampler.rank_batch_size
-    everything = sorted(set(range(len(dataloader.dataset))) - _all_ranks_seen(seen))
+    everything = sorted(needed - _all_ranks_seen(seen))
     per_step = sampler.global_batch_size
     start = sampler.data_parallel_rank * share
     for offset in range(0, len(everything), per_step):
@@ -123,16 +134,17 @@ class DPOTrainer(BaseTrainer):
             return
         settings = {**settings, **reference.fingerprint(self.model)}
         train_ds, val_ds = self.train_dataloader.dataset, self.val_dataloader.dataset
-        first_epoch_steps = min(self.max_steps, self.steps_per_epoch)
-        train_batches = training_order_batches(
-            self.train_dataloader, first_epoch_steps, self.max_steps > first_epoch_steps
-        )
-        train_name = f"train-{fingerprint({**settings, 'steps': self.max_steps}, train_ds.paths)}.pt"
-        # Only the batches validation uses (limit_val_batches), which are the same at every validation.
-        val_batches = itertools.islice(self.val_dataloader, self.val_batches)
-        val_name = f"validation-{fingerprint({**settings, 'batches': self.val_batches}, val_ds.paths)}.pt"
+        train_batches = training_order_batches(self.train_dataloader, self.steps_per_epoch, self.max_steps)
+        steps = {"steps": self.max_steps, "steps_per_epoch": self.steps_per_epoch}
+        train_name = f"train-{fingerprint({**settings, **steps}, train_ds.paths)}.pt"
         reference.set_table("train", load_or_compute_reference(self.model, train_batches, _in(cache_dir, train_name)))
-        reference.set_table("validation", load_or_compute_reference(self.model, val_batches, _in(cache_dir, val_name)))
+        # Only the batches validation will read (none with limit_val_batches=0).
+        validation = None
+        if self.val_batches > 0:
+            val_name = f"validation-{fingerprint({**settings, 'batches': self.val_batches}, val_ds.paths)}.pt"
+            val_batches = itertools.islice(self.val_dataloader, self.val_batches)
+            validation = load_or_compute_reference(self.model, val_batches, _in(cache_dir, val_name))
+        reference.set_table("validation", validation)
 
     def prepare_batch(self, batch: Mapping[str, Any], training: bool) -> Mapping[str, Any]:
         reference = self.model.reference

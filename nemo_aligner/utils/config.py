@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from nemo_aligner.utils.run_lock import released_on_exit
 from nemo_aligner.utils.seeds import NEMO_DEFAULT_SEED, model_seed  # noqa: F401 (the seeds' home is seeds.py)
+from nemo_aligner.utils.timers import mark_event
 
 EMBEDDED_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "embedded"
 
@@ -79,6 +80,7 @@ def hydra_runner(config_path: str, config_name: str):
     def decorator(task: Callable[[DictConfig], None]):
         @functools.wraps(task)
         def wrapper(cfg: DictConfig | None = None):
+            mark_event("imports_done")
             register_resolvers()
             configure_logging()
             if cfg is not None:

@@ -3,9 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+
+EVENTS_FILE_ENV = "NEMO_ALIGNER_EVENTS_FILE"
+"""Environment variable naming a file that :func:`mark_event` appends ``<event> <unix time> <peak RSS MiB so far>``
+lines to (read by ``benchmarks/whole_process.py`` to time start-up, process start to the first training step, and to
+say where the memory goes)."""
+_marked: set[str] = set()
+
+
+def mark_event(event: str) -> None:
+    """Record the first time this process reaches ``event`` when ``$NEMO_ALIGNER_EVENTS_FILE`` is set (no-op
+    otherwise)."""
+    path = os.environ.get(EVENTS_FILE_ENV)
+    if not path or event in _marked:
+        return
+    _marked.add(event)
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{event} {time.time():.6f} {peak_mb:.1f}\n")
 
 
 class PhaseTimers:

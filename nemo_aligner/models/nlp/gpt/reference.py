@@ -43,6 +43,7 @@ from nemo_aligner.models.nlp.gpt.lora import lora_adapters
 from nemo_aligner.utils.device import model_device
 from nemo_aligner.utils.distributed import gather_data_parallel_objects
 from nemo_aligner.utils.kill_points import kill_point
+from nemo_aligner.utils.timers import mark_event
 from nemo_aligner.utils.utils import _named_model_tensors, cpu_weight_swap
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def gather_reference_logprobs(
 @torch.no_grad()
 def compute_reference_logprobs(model, batches: Iterable[Mapping[str, Any]]) -> ReferenceLogprobs:
     """Score every batch with the model's reference policy; gather the results of all data-parallel ranks."""
+    mark_event("reference_pass")
     indices, chosen, rejected = [], [], []
     for batch in batches:
         c, r = model.reference.logprob_sums(model, batch)
