@@ -23,20 +23,17 @@ from nemo_aligner.recipes.common import (
     TrainingData,
     build_model,
     config_view,
+    configure_peft,
+    export_lora_run,
+    merge_lora_and_save,
     model_config_for_training,
     override_model_config_from_checkpoint,
     set_model_parallel_from_config,
     to_plain,
+    uses_lora,
     validate_common,
 )
-from nemo_aligner.recipes.dpo import (
-    build_dpo_data,
-    configure_peft,
-    export_lora_run,
-    merge_lora_and_save,
-    uses_lora,
-    validate_dpo_config,
-)
+from nemo_aligner.recipes.dpo import build_dpo_data, validate_dpo_config
 from nemo_aligner.recipes.sft import build_sft_data, validate_sft_config
 from nemo_aligner.recipes.spin import build_spin_data, validate_spin_config
 from nemo_aligner.utils.distributed import require_model_parallel
