@@ -54,6 +54,7 @@ def build_tiny_base_model(
         f"trainer.sft.val_check_interval={steps}",
         f"trainer.sft.save_interval={steps}",
         "trainer.sft.limit_val_batches=4",
+        "trainer.sft.evaluation.enabled=false",  # a base model for tests: its held-out score is not needed
         f"model.optim.sched.warmup_steps={max(steps // 20, 1)}",
         *extra_overrides,
     ]

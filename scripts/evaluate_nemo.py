@@ -6,8 +6,9 @@
     python scripts/evaluate_nemo.py MODEL.nemo --prompt "add 2 and 3" --prompt "sort 9 1 5"
 
 ``--config`` names the training config whose ``model.data`` (chat template, prompt template) renders prompts
-(default ``examples/nlp/gpt/conf/gpt_sft.yaml``); it is loaded with :func:`nemo_aligner.utils.config.load_config`,
-which, unlike ``OmegaConf.load``, resolves ``${embedded_data:...}``. Prints JSON.
+(default ``examples/nlp/gpt/conf/gpt_sft_tiny.yaml``, the embedded default); it is loaded with
+:func:`nemo_aligner.utils.config.load_config`, which, unlike ``OmegaConf.load``, resolves ``${embedded_data:...}``.
+Prints JSON.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "examples" / "nlp" / "gpt" / "conf" / "gpt_sft.yaml"
+DEFAULT_CONFIG = REPO / "examples" / "nlp" / "gpt" / "conf" / "gpt_sft_tiny.yaml"
 DEFAULT_DATA = REPO / "nemo_aligner" / "data" / "embedded" / "chat_test.jsonl"
 
 

@@ -330,8 +330,9 @@ def attach_evaluation(run: Run, loop, data: TrainingData) -> None:
 def train(run: Run, loop, after_fit: Callable[[], None] | None = None) -> None:
     """Train, ``after_fit()`` (e.g. a LoRA run's merged export), then the end of a run: plots of the logged metrics
     and the summary (``recipes/summary.py``)."""
-    from nemo_aligner.recipes.summary import finish_run
+    from nemo_aligner.recipes.summary import finish_run, start_console_log
 
+    start_console_log()
     loop.fit()
     if after_fit is not None:
         after_fit()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ PLOTS_DIR = "plots"
 
 def keep_console_log(log_dir: Path) -> Path | None:
     """Copy every ``nemo_aligner`` log line (the summary included) to ``<log_dir>/console.log`` (appended: a
-    resumed run continues the file). The progress bar stays on the terminal only."""
+    resumed run continues the file). The progress bar stays on the terminal only. Lines are held in memory until
+    :func:`start_console_log` (training starts), so a run stopped by bad input writes nothing to its directory."""
     if not is_global_rank_zero():
         return None
     path = Path(log_dir) / CONSOLE_LOG
@@ -29,12 +31,21 @@ def keep_console_log(log_dir: Path) -> Path | None:
         if getattr(handler, "nemo_aligner_console_log", False):
             package_logger.removeHandler(handler)
             handler.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    target = logging.FileHandler(path, encoding="utf-8", delay=True)
+    target.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    # flushLevel above CRITICAL: nothing is written before start_console_log; flushOnClose=False: nor at exit.
+    handler = logging.handlers.MemoryHandler(10_000, logging.CRITICAL + 1, target, flushOnClose=False)
     handler.nemo_aligner_console_log = True
     package_logger.addHandler(handler)
     return path
+
+
+def start_console_log() -> None:
+    """Training starts: write the held lines of :func:`keep_console_log` and every later one as it comes."""
+    for handler in logging.getLogger("nemo_aligner").handlers:
+        if getattr(handler, "nemo_aligner_console_log", False):
+            handler.flushLevel = logging.NOTSET
+            handler.flush()
 
 
 def draw_plots(log_dir: Path) -> Path | None:

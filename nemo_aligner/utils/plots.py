@@ -39,12 +39,12 @@ PANELS = [
     (
         "evaluation",
         "Held-out generation evaluation (trainer.<algorithm>.evaluation)",
-        ["exact_match", "unfinished_fraction", "judge_unparseable_fraction"],
+        ["exact_match", "unfinished_fraction"],  # val/judge_unparseable_fraction: in "judge_health"
     ),
     ("evaluation_judge", "Self-judged score of held-out responses", ["judge_score"]),
     (
         "rewards",
-        "Implicit rewards (beta * log-ratio)",
+        "Implicit rewards (policy minus reference log-prob)",
         [
             "rewards_chosen_mean",
             "rewards_rejected_mean",

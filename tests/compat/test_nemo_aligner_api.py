@@ -339,8 +339,8 @@ def test_the_spin_batch_as_nemo_aligner_builds_it_gives_our_loss():
     expected, expected_metrics = model.get_loss_and_metrics(ours, forward_only=True)
     assert loss == pytest.approx(expected, abs=1e-6) and loss != pytest.approx(math.log(2), abs=1e-3)
     assert metrics["rewards_actual_mean"] == pytest.approx(expected_metrics["rewards_actual_mean"], abs=1e-6)
-    # by hand: the reward of a pair side is beta x 0.1 x its scored tokens
-    assert metrics["rewards_actual_mean"] == pytest.approx(0.5 * 0.1 * (3 + 1) / 2, abs=1e-5)
+    # by hand: the logged reward of a pair side (unscaled by beta, as NeMo-Aligner logs it) is 0.1 x its scored tokens
+    assert metrics["rewards_actual_mean"] == pytest.approx(0.1 * (3 + 1) / 2, abs=1e-5)
 
 
 def test_trainer_step_methods_return_loss_and_metrics(tmp_path):
