@@ -87,6 +87,16 @@ OUR_VARIANTS = {
     "ours_lora": ["model.peft.peft_scheme=lora", "model.peft.lora_tuning.adapter_dim=8"],
 }
 LR, BETA, SEED = 1e-5, 0.1, 1234
+# TRL's side of the optimizer our arms configure (adamw, constant lr, no weight decay, clip 1.0).
+TRL_OPTIMIZER_ARGS = dict(
+    learning_rate=LR,
+    lr_scheduler_type="constant",
+    weight_decay=0.0,
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    optim="adamw_torch",
+    max_grad_norm=1.0,
+)
 
 
 def write_pairs(path: Path, pairs: int, pair_tokens: int = 0, tokenizer=None) -> Path:
@@ -225,13 +235,7 @@ def run_trl(args: dict[str, Any], precompute: bool) -> dict[str, Any]:
             per_device_train_batch_size=args["batch"],
             gradient_accumulation_steps=1,
             num_train_epochs=args["epochs"],
-            learning_rate=LR,
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            adam_beta1=0.9,
-            adam_beta2=0.999,
-            optim="adamw_torch",
-            max_grad_norm=1.0,
+            **TRL_OPTIMIZER_ARGS,
             beta=BETA,
             precompute_ref_log_probs=precompute,
             save_strategy="no",

@@ -64,7 +64,7 @@ from benchmarks.common import (  # noqa: E402
     read_jsonl,
     write_json,
 )
-from benchmarks.dpo_throughput import LR, SEED, our_dpo_overrides, write_pairs  # noqa: E402
+from benchmarks.dpo_throughput import LR, SEED, TRL_OPTIMIZER_ARGS, our_dpo_overrides, write_pairs  # noqa: E402
 
 GPT = REPO / "examples" / "nlp" / "gpt"
 GROUPS = {
@@ -218,13 +218,7 @@ def sft_worker(args: dict[str, Any]) -> None:
         output_dir=args["out"],
         per_device_train_batch_size=args["batch"],
         num_train_epochs=1,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        optim="adamw_torch",
-        max_grad_norm=1.0,
+        **TRL_OPTIMIZER_ARGS,
         max_length=512,
         save_strategy="no",
         eval_strategy="no",

@@ -170,7 +170,7 @@ def check_added_keys(base: DictConfig, overrides: Sequence[str]) -> None:
     :class:`ConfigError` naming it and the known keys it is closest to, except a ``model.<key>`` with no close
     match, which a checkpoint's NeMo model config may hold: that one is a warning (no code here reads it).
     """
-    known = _keys(OmegaConf.to_container(base, resolve=False))
+    known = key_paths(OmegaConf.to_container(base, resolve=False))
     known |= set(NO_EFFECT) | OTHER_KEYS_READ | {f"model.{key}" for key in MODEL_KEYS_READ}
     errors = []
     for key in added_keys(overrides):
@@ -187,11 +187,11 @@ def check_added_keys(base: DictConfig, overrides: Sequence[str]) -> None:
         raise ConfigError(f"{len(errors)} unknown key(s) added with + or ++:\n  {lines}")
 
 
-def _keys(node: dict, prefix: str = "") -> set[str]:
+def key_paths(node: dict, prefix: str = "") -> set[str]:
     """Every key path of a nested mapping, sections included."""
     keys = set()
     for name, value in node.items():
         keys.add(f"{prefix}{name}")
         if isinstance(value, dict):
-            keys |= _keys(value, f"{prefix}{name}.")
+            keys |= key_paths(value, f"{prefix}{name}.")
     return keys

@@ -12,22 +12,13 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from nemo_aligner.utils.config import _config_name_and_overrides, compose_config
-from nemo_aligner.utils.config_keys import NO_EFFECT, apply_aliases, warn_no_effect
+from nemo_aligner.utils.config_keys import NO_EFFECT, apply_aliases, key_paths, warn_no_effect
 from nemo_aligner.utils.config_validation import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "examples" / "nlp" / "gpt" / "conf"
 RECORDED = json.loads((Path(__file__).parent / "data" / "nemo_aligner_configs.json").read_text())["configs"]
 OUR_CONFIG = {"sft": "gpt_sft", "dpo": "gpt_dpo", "spin": "gpt_spin", "self_rewarding": "gpt_self_rewarding"}
 ALGORITHMS = sorted(OUR_CONFIG)
-
-
-def flat_keys(node: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for name, value in node.items():
-        keys.add(f"{prefix}{name}")
-        if isinstance(value, dict):
-            keys |= flat_keys(value, f"{prefix}{name}.")
-    return keys
 
 
 def hydra_value(value) -> str:
@@ -61,7 +52,7 @@ def test_the_recorded_lists_hold_463_keys_with_their_provenance():
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_nemo_aligner_key_composes_with_its_nemo_aligner_value(algorithm):
     recorded = RECORDED[algorithm]["keys"]
-    ours = flat_keys(OmegaConf.to_container(compose_config(CONF, OUR_CONFIG[algorithm]), resolve=False))
+    ours = key_paths(OmegaConf.to_container(compose_config(CONF, OUR_CONFIG[algorithm]), resolve=False))
     assert sorted(set(recorded) - ours) == []  # a plain key=value (no +) of each composes
     overrides = [f"{key}={hydra_value(value)}" for key, value in recorded.items() if portable(value)]
     assert len(overrides) > 0.7 * len(recorded)
