@@ -19,6 +19,7 @@ from nemo_aligner.algorithms.spin import spin_custom_collate
 from nemo_aligner.data.nlp import builders
 from nemo_aligner.data.nlp.dpo_builders import build_dpo_dataloader, build_dpo_datasets
 from nemo_aligner.data.nlp.dpo_dataset import DPOCollate
+from nemo_aligner.data.nlp.pairs import pair_item
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.distributed import initialize_distributed
 from nemo_aligner.utils.exp_manager import RunTimer
@@ -76,20 +77,10 @@ def test_the_method_table_lists_the_issues_names():
     assert {("SPINTrainer", "augment_dataloader"), ("SelfRewardingTrainer", "get_elo_scores")} <= rows
 
 
-def pair(index: int, prompt: list[int], chosen: list[int], rejected: list[int]) -> dict:
-    return {
-        "chosen_ids": torch.tensor(prompt + chosen),
-        "rejected_ids": torch.tensor(prompt + rejected),
-        "prompt_length": len(prompt),
-        "chosen_length": len(prompt) + len(chosen),
-        "rejected_length": len(prompt) + len(rejected),
-        "chosen_reward": 1.0,
-        "rejected_reward": 0.0,
-        "sample_index": index,
-    }
-
-
-PAIRS = [pair(0, [5, 6], [7, 8, 9], [10]), pair(1, [11], [12], [13, 14, 15, 16])]
+PAIRS = [
+    pair_item(0, [5, 6], [7, 8, 9], [10], chosen_reward=1.0, rejected_reward=0.0, valid=True),
+    pair_item(1, [11], [12], [13, 14, 15, 16], chosen_reward=1.0, rejected_reward=0.0, valid=True),
+]
 
 
 def assert_same_batch(actual: dict, expected: dict) -> None:
