@@ -1,5 +1,6 @@
-"""Start-up: megatron-core's ``torch.compile`` decorations compile on first call, wandb loads on first use, and
-the start-up events a benchmark reads are written once per event."""
+"""Start-up: megatron-core's ``torch.compile`` decorations compile on first call, wandb loads on first use,
+torchmetrics' metrics load on first use (Lightning gets its real ``Metric`` classes at once), and the start-up
+events a benchmark reads are written once per event."""
 
 from __future__ import annotations
 
@@ -37,6 +38,24 @@ def test_importing_megatron_core_compiles_nothing_and_leaves_wandb_unloaded():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["compile_on_first_call", "True", "False", "False"]
+
+
+def test_lightning_gets_torchmetrics_classes_and_the_rest_loads_on_first_use():
+    code = (
+        "import inspect, logging, sys, nemo_aligner, lightning.pytorch, torchmetrics\n"
+        "from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultMetric\n"
+        "from torchmetrics.metric import Metric\n"
+        "inspect.getmodule(inspect)  # reads every module's __file__: loads nothing\n"
+        "print(torchmetrics.__version__ == torchmetrics.__about__.__version__, torchmetrics.Metric is Metric,\n"
+        "      issubclass(_ResultMetric, Metric), [m for m in ('scipy.signal', 'transformers', 'wandb.sdk',\n"
+        "      'torchmetrics.functional') if m in sys.modules])\n"
+        "from torchmetrics import Accuracy\n"
+        "print(isinstance(Accuracy(task='binary'), torchmetrics.Metric), torchmetrics.functional.accuracy.__name__,\n"
+        "      torchmetrics.MetricCollection is torchmetrics.collections.MetricCollection,\n"
+        "      len(logging.getLogger('torchmetrics').handlers), hasattr(torchmetrics, 'NoSuchMetric'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[:2] == ["True True True []", "True accuracy True 1 False"]
 
 
 def test_events_are_written_once_with_time_and_peak_memory(tmp_path, monkeypatch):
