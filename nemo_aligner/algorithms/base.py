@@ -27,6 +27,7 @@ from nemo_aligner.utils.exp_manager import PreemptionHandler, RunTimer
 from nemo_aligner.utils.health import NonFiniteGuard, agree_any, step_health_metrics
 from nemo_aligner.utils.kill_points import kill_point
 from nemo_aligner.utils.timers import mark_event
+from nemo_aligner.utils.utils import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +290,8 @@ class BaseTrainer:
     def after_step(self, preemption: PreemptionHandler, is_last: bool) -> bool:
         """Validate and save on schedule; returns True when the run must stop now."""
         stop = agree_any(preemption.received or self.run_timer.is_finished())
+        if is_last:
+            release_freed_memory()  # the loop's freed memory: not resident under the end of the run's work
         if self.step % self.val_check_interval == 0 or is_last:
             start = time.monotonic()
             self.last_val_metrics = self.run_validation()

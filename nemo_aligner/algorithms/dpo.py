@@ -29,6 +29,7 @@ from nemo_aligner.models.nlp.gpt.reference import (  # noqa: F401 (names this mo
     gather_reference_logprobs,
 )
 from nemo_aligner.utils.distributed import gather_data_parallel_objects, is_global_rank_zero
+from nemo_aligner.utils.utils import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class DPOTrainer(BaseTrainer):
             val_batches = itertools.islice(self.val_dataloader, self.val_batches)
             validation = load_or_compute_reference(self.model, val_batches, _in(cache_dir, val_name))
         reference.set_table("validation", validation)
+        release_freed_memory()  # the pass's activations: not resident under the training loop's
 
     def prepare_batch(self, batch: Mapping[str, Any], training: bool) -> Mapping[str, Any]:
         reference = self.model.reference

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,24 @@ from nemo_aligner.checkpoint import nemo_file
 
 # Keys NeMo adds when saving; they describe the file, not the model, and are dropped before merging overrides.
 _META_KEYS = ("target", "nemo_version")
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the pages that the C heap holds free back to the OS (glibc's ``malloc_trim``) between the phases of a
+    run (after the reference pass, after the last step). Freed tensors' memory otherwise stays resident, and the
+    next phase's allocations (the training loop; the final checkpoint, plots and summary) come on top of it: the
+    process's peak RSS. Host memory only; nothing to do where the C library is not glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def load_checkpoint_model_config(restore_path: str | Path) -> DictConfig:
