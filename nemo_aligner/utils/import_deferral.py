@@ -66,6 +66,10 @@ class _DeferringFinder(importlib.abc.MetaPathFinder):
         self.loading: set[str] = set()  # lazy modules being imported for real
 
     def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] in LAZY_MODULES and name in sys.modules:
+            # ``import wandb.x`` with the stand-in as parent: reading its ``__path__`` ran the real ``__init__``,
+            # which imported ``wandb.x`` already; the import system would execute it a second time.
+            return importlib.machinery.ModuleSpec(name, _AlreadyImported(sys.modules[name]))
         if name in self.loading or (name not in LAZY_MODULES and name != JIT_MODULE and name not in PARTIAL_PACKAGES):
             return None
         spec = _find_with_others(self, name, path, target)
@@ -89,6 +93,19 @@ class _StandInLoader(importlib.abc.Loader):
 
     def exec_module(self, module):
         pass
+
+
+class _AlreadyImported(importlib.abc.Loader):
+    """Hands the import system a module that is already imported (its own ``__spec__`` kept)."""
+
+    def __init__(self, module: types.ModuleType):
+        self.module, self.spec = module, module.__spec__
+
+    def create_module(self, spec):
+        return self.module
+
+    def exec_module(self, module):
+        module.__spec__ = self.spec
 
 
 class _StandIn(types.ModuleType):

@@ -67,3 +67,16 @@ def test_events_are_written_once_with_time_and_peak_memory(tmp_path, monkeypatch
     lines = [line.split() for line in path.read_text().splitlines()]
     assert [line[0] for line in lines] == ["first_step", "reference_pass"]
     assert all(float(line[1]) > 1.7e9 and float(line[2]) > 0 for line in lines)
+
+
+def test_a_submodule_import_through_the_wandb_stand_in_imports_each_module_once():
+    code = (
+        "import sys, nemo_aligner, wandb\n"
+        "stand_in = type(sys.modules['wandb']).__name__\n"
+        "from wandb.sdk.lib import filesystem  # the stand-in is the parent: loads the real wandb first\n"
+        "import wandb.sdk\n"
+        "print(stand_in, wandb.sdk is sys.modules['wandb.sdk'], hasattr(wandb.sdk, 'data_types'),\n"
+        "      filesystem is sys.modules['wandb.sdk.lib.filesystem'], type(wandb.sdk.__spec__.loader).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["_StandIn", "True", "True", "True", "SourceFileLoader"]
