@@ -1,10 +1,39 @@
-"""Does SPIN beat continued SFT on the embedded default? Held-out exact match of SFT, continued SFT and SPIN.
+"""Does SPIN (or DPO) beat continued SFT on the embedded default? Held-out exact match of SFT, continued SFT, SPIN
+and DPO.
 
-    python benchmarks/spin_study.py --out benchmarks/results/spin_study.json    # the full study
-    python benchmarks/spin_study.py --quick                                     # a smoke run (< 1 min)
+    python benchmarks/spin_study.py --seeds 3 --out benchmarks/results/spin_study.json   # the multi-seed study
+    python benchmarks/spin_study.py --seeds 2 --quick                                    # its smoke run
+    python benchmarks/spin_study.py --out benchmarks/results/spin_study_single_seed.json  # the single-seed sweep
+    python benchmarks/spin_study.py --quick                                              # its smoke run (< 1 min)
 
-On 2 shared CPU cores the full study took 17 minutes, 12 of them training the four SFT start models (cached in
-``--cache_dir`` and reused by later runs, which then take about 5 minutes).
+**The multi-seed study** (``--seeds N``; ``SEEDS_FULL``): one SFT start model at the plateau (2000 steps of
+``gpt_sft_tiny``, the best length of the single-seed sweep below; seed 1234; cached). For each seed
+``1234 + i`` (``model.seed``, which keys SPIN's sampling and every run's data order), each SPIN setting of
+``SEEDS_FULL.spin_settings`` (three iterations) and its step-matched continued SFT (defined below), then DPO on the
+bundled pairs ``dpo_train.jsonl`` (``DPO_OVERRIDES``: docs/dpo.md's embedded-default settings, checkpoints at 40,
+80 and 120 steps) and its step-matched continued SFT on the chosen responses: ``chat_train.jsonl`` holds the same
+3000 prompts with the chosen responses as answers, so the control is SFT with DPO's optimizer, batch and steps on
+that file. The seeds vary these runs, not the start model. Every checkpoint is scored on the 300 held-out prompts,
+keeping per-prompt correctness. Per arm and checkpoint the JSON gives mean, sample standard deviation, min and max
+over seeds (``table``), and per comparison and checkpoint (``comparisons``) two tests of "treatment = control":
+
+* ``sign_flip_p``: exact paired permutation test over seeds (the 2^n sign flips of the per-seed accuracy
+  differences). Honest about n = 3: its smallest possible p-value is 0.25.
+* ``mcnemar``: exact two-sided McNemar test on per-prompt correctness pooled over prompts x seeds (900 pairs): the
+  counts of pairs only the treatment got right (b) and only the control got right (c), and the binomial
+  (b + c, 1/2) tail probability of a split at least as uneven (:func:`exact_mcnemar_p`). Pooling treats the three
+  seeds' answers to one prompt as separate pairs; it tests the training recipe on these prompts, not on new tasks.
+
+Decision rule, fixed before the run: a SPIN setting (or DPO) beats more SFT when at iteration 3 (DPO: step 120)
+its McNemar p is below 0.05 / 5 (Bonferroni over the four SPIN settings and DPO) with the treatment ahead, and every
+seed's difference is positive. Other checkpoints' p-values are reported, not used to decide.
+
+The JSON is rewritten after every run (a run cut short keeps its finished seeds). On 2 CPU cores shared with
+other work (``--threads 1``) the 3-seed study took the minutes recorded in its ``runtime_seconds``, plus training
+the 2000-step start model once (about 5 minutes).
+
+**The single-seed sweep** (no ``--seeds``): on 2 shared CPU cores it took 17 minutes, 12 of them training the four
+SFT start models (cached in ``--cache_dir`` and reused by later runs, which then take about 5 minutes).
 
 Every number is greedy exact-match accuracy on the held-out ``chat_test.jsonl`` (300 prompts never seen in
 training; the first 60 with ``--quick``), computed by :func:`nemo_aligner.evaluation.exact_match_accuracy`.
@@ -157,8 +186,10 @@ class Study:
         if nemo_path not in self.evaluations:
             from nemo_aligner.evaluation import exact_match_accuracy
             from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
+            from nemo_aligner.utils.distributed import initialize_distributed
 
             start = time.monotonic()
+            initialize_distributed()  # a cached start model is scored before any run has set up parallel state
             model = MegatronGPTModel.restore_from(nemo_path)
             self.evaluations[nemo_path] = exact_match_accuracy(
                 model, str(self.test_file), self.data_cfg, per_sample=True, max_samples=self.plan.eval_samples
@@ -280,6 +311,7 @@ class Study:
                 f"model.optim.weight_decay={optim.weight_decay}",
                 f"model.optim.betas=[{optim.betas[0]},{optim.betas[1]}]",
                 "model.optim.sched.name=Constant",
+                "model.optim.sched.min_lr=0",  # gpt_sft_tiny's cosine floor, unused by Constant and above its lr
             ],
         )
         start = time.monotonic()
@@ -346,7 +378,9 @@ def rollout_statistics(metrics_csv: Path) -> list[dict[str, float]]:
         rows = list(csv.DictReader(f))
     stats = []
     for row in rows:
-        values = {k.split("/")[-1]: float(v) for k, v in row.items() if "rollout_" in k and v not in ("", None)}
+        values = {  # not train/timers/rollout_s, the rollout's time
+            k.split("/")[-1]: float(v) for k, v in row.items() if k.startswith("train/rollout_") and v not in ("", None)
+        }
         if values:
             stats.append(values)
     return stats
@@ -442,9 +476,14 @@ class SeedPlan:
 
 
 SEEDS_FULL = SeedPlan(
-    start_steps=2000, eval_samples=None, spin_settings=("tiny", "lr_3e-5"), dpo_checkpoint_steps=(40, 80, 120)
+    start_steps=2000,
+    eval_samples=None,
+    spin_settings=("tiny", "lr_3e-5", "mix_previous", "prompts_30pct"),
+    dpo_checkpoint_steps=(40, 80, 120),
 )
-"""The plateau (2000 steps: the best SFT length of the single-seed sweep, longer runs lost accuracy)."""
+"""The plateau (2000 steps: the best SFT length of the single-seed sweep, longer runs lost accuracy); the default
+SPIN settings, the one closest to its control in the single-seed sweep (lr 3e-5), the paper's recipe (iteration
+t-1's generations mixed in) and three times the SPIN prompts per iteration."""
 SEEDS_QUICK = SeedPlan(start_steps=150, eval_samples=60, spin_settings=("tiny",), dpo_checkpoint_steps=(2, 4))
 FIRST_SEED = 1234
 """Seed i of ``--seeds N`` is ``FIRST_SEED + i`` (``model.seed``; the configs' default is the first)."""
@@ -588,6 +627,7 @@ def run_seed_study(plan: SeedPlan, seeds: Sequence[int], work_dir: Path, cache_d
         return report
 
     report = None
+    controls: dict[tuple, list[dict[str, Any]]] = {}
     for seed in seeds:
         for name in plan.spin_settings:
             setting = SETTINGS[name]
@@ -596,8 +636,12 @@ def run_seed_study(plan: SeedPlan, seeds: Sequence[int], work_dir: Path, cache_d
             spin_cfg, iterations = study.run_spin(start_model, setting, seed)
             record(spin, f"SPIN, {setting.description}", seed, iterations)
             steps = [item["step"] for item in iterations]
+            optim = spin_cfg.model.optim
+            key = (tuple(steps), optim.name, optim.lr, optim.weight_decay, spin_cfg.model.global_batch_size, seed)
+            if key not in controls:  # settings that differ only in SPIN's loss or data share one control run
+                controls[key] = study.run_sft_continued(start_model, spin_cfg, steps, seed)
             description = f"continued SFT with spin[{name}]'s optimizer, batch and steps on chat_train.jsonl"
-            report = record(control, description, seed, study.run_sft_continued(start_model, spin_cfg, steps, seed))
+            report = record(control, description, seed, controls[key])
         pairs["dpo vs SFT on the chosen responses"] = ("dpo", "sft_chosen")
         dpo_cfg, checkpoints = study.run_dpo(start_model, plan.dpo_checkpoint_steps, seed)
         record("dpo", "DPO on dpo_train.jsonl (DPO_OVERRIDES)", seed, checkpoints)
