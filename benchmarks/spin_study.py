@@ -10,8 +10,9 @@ and DPO.
 ``gpt_sft_tiny``, the best length of the single-seed sweep below; seed 1234; cached). For each seed
 ``1234 + i`` (``model.seed``, which keys SPIN's sampling and every run's data order), each SPIN setting of
 ``SEEDS_FULL.spin_settings`` (three iterations) and its step-matched continued SFT (defined below), then DPO on the
-bundled pairs ``dpo_train.jsonl`` (``DPO_OVERRIDES``: docs/dpo.md's embedded-default settings, checkpoints at 40,
-80 and 120 steps) and its step-matched continued SFT on the chosen responses: ``chat_train.jsonl`` holds the same
+bundled pairs ``dpo_train.jsonl`` in each setting of ``SEEDS_FULL.dpo_settings`` (``DPO_OVERRIDES``: docs/dpo.md's
+embedded-default settings, checkpoints at 40, 80 and 120 steps) and its step-matched continued SFT on the chosen
+responses: ``chat_train.jsonl`` holds the same
 3000 prompts with the chosen responses as answers, so the control is SFT with DPO's optimizer, batch and steps on
 that file. The seeds vary these runs, not the start model. Every checkpoint is scored on the 300 held-out prompts,
 keeping per-prompt correctness. Per arm and checkpoint the JSON gives mean, sample standard deviation, min and max
@@ -25,8 +26,8 @@ over seeds (``table``), and per comparison and checkpoint (``comparisons``) two 
   seeds' answers to one prompt as separate pairs; it tests the training recipe on these prompts, not on new tasks.
 
 Decision rule, fixed before the run: a SPIN setting (or DPO) beats more SFT when at iteration 3 (DPO: step 120)
-its McNemar p is below 0.05 / 5 (Bonferroni over the four SPIN settings and DPO) with the treatment ahead, and every
-seed's difference is positive. Other checkpoints' p-values are reported, not used to decide.
+its McNemar p is below 0.05 / 8 (Bonferroni over the five SPIN and three DPO settings) with the treatment ahead, and
+every seed's difference is positive. Other checkpoints' p-values are reported, not used to decide.
 
 The JSON is rewritten after every run (a run cut short keeps its finished seeds). On 2 CPU cores shared with
 other work (``--threads 1``) the 3-seed study took the minutes recorded in its ``runtime_seconds``, plus training
@@ -119,6 +120,11 @@ SETTINGS = {
             "every prompt once per iteration (10x the steps)",
             ("trainer.spin.limit_train_batches=1.0",),
         ),
+        SpinSetting(
+            "lr_3e-5_prompts_100pct",
+            "every prompt once per iteration (10x the steps) at a third of the learning rate",
+            ("trainer.spin.limit_train_batches=1.0", "model.optim.lr=3e-5"),
+        ),
     )
 }
 
@@ -145,7 +151,18 @@ DPO_OVERRIDES = (
     "model.optim.sched.name=Constant",
 )
 """DPO as docs/dpo.md runs it on the embedded default (fp32, batch 8, AdamW 1e-4 constant, gpt_dpo.yaml's beta 0.2
-and weight decay 0.1), on the bundled pairs ``dpo_train.jsonl``."""
+and weight decay 0.1), on the bundled pairs ``dpo_train.jsonl``; a ``DPO_SETTINGS`` entry's overrides go on top."""
+
+DPO_SETTINGS = {
+    setting.name: setting
+    for setting in (
+        SpinSetting("docs", "docs/dpo.md's embedded-default settings (DPO_OVERRIDES): AdamW 1e-4, beta 0.2"),
+        SpinSetting("lr_3e-5", "a third of the learning rate", ("model.optim.lr=3e-5",)),
+        SpinSetting(
+            "sft_term", "the preference loss plus the SFT loss on the chosen response", ("model.dpo.sft_loss_weight=1",)
+        ),
+    )
+}
 
 FULL = Plan(
     under_trained_steps=300,
@@ -254,13 +271,15 @@ class Study:
             for item in items
         ]
 
-    def run_dpo(self, start_model: Path, checkpoint_steps: Sequence[int], seed: int) -> tuple[DictConfig, list]:
-        """One DPO run on the embedded pairs (``DPO_OVERRIDES``): its config and ``{"step", "nemo"}`` at each of
-        ``checkpoint_steps`` (equally spaced)."""
+    def run_dpo(
+        self, start_model: Path, setting: SpinSetting, checkpoint_steps: Sequence[int], seed: int
+    ) -> tuple[DictConfig, list]:
+        """One DPO run on the embedded pairs (``DPO_OVERRIDES`` and the setting's): its config and ``{"step",
+        "nemo"}`` at each of ``checkpoint_steps`` (equally spaced)."""
         from examples.nlp.gpt.train_gpt_dpo import main as dpo_main
         from nemo_aligner.utils.config import compose_config
 
-        log_dir = self._log_dir("dpo" + seed_suffix(seed))
+        log_dir = self._log_dir(f"dpo_{setting.name}" + seed_suffix(seed))
         interval = checkpoint_steps[0]
         cfg = compose_config(
             CONF_DIR,
@@ -269,6 +288,7 @@ class Study:
                 f"pretrained_checkpoint.restore_from_path={start_model}",
                 *run_overrides(log_dir, "dpo", seed),
                 *DPO_OVERRIDES,
+                *setting.overrides,
                 f"trainer.dpo.max_steps={checkpoint_steps[-1]}",
                 f"trainer.dpo.val_check_interval={interval}",
                 f"trainer.dpo.save_interval={interval}",
@@ -472,19 +492,24 @@ class SeedPlan:
     start_steps: int
     eval_samples: int | None
     spin_settings: tuple[str, ...]
+    dpo_settings: tuple[str, ...]
     dpo_checkpoint_steps: tuple[int, ...]
 
 
 SEEDS_FULL = SeedPlan(
     start_steps=2000,
     eval_samples=None,
-    spin_settings=("tiny", "lr_3e-5", "mix_previous", "prompts_30pct"),
+    spin_settings=("tiny", "lr_3e-5", "mix_previous", "prompts_30pct", "lr_3e-5_prompts_100pct"),
+    dpo_settings=("docs", "lr_3e-5", "sft_term"),
     dpo_checkpoint_steps=(40, 80, 120),
 )
 """The plateau (2000 steps: the best SFT length of the single-seed sweep, longer runs lost accuracy); the default
 SPIN settings, the one closest to its control in the single-seed sweep (lr 3e-5), the paper's recipe (iteration
-t-1's generations mixed in) and three times the SPIN prompts per iteration."""
-SEEDS_QUICK = SeedPlan(start_steps=150, eval_samples=60, spin_settings=("tiny",), dpo_checkpoint_steps=(2, 4))
+t-1's generations mixed in), three times the SPIN prompts per iteration, and every prompt once per iteration at
+lr 3e-5; DPO as documented, at lr 3e-5, and with an SFT term."""
+SEEDS_QUICK = SeedPlan(
+    start_steps=150, eval_samples=60, spin_settings=("tiny",), dpo_settings=("docs",), dpo_checkpoint_steps=(2, 4)
+)
 FIRST_SEED = 1234
 """Seed i of ``--seeds N`` is ``FIRST_SEED + i`` (``model.seed``; the configs' default is the first)."""
 
@@ -626,8 +651,17 @@ def run_seed_study(plan: SeedPlan, seeds: Sequence[int], work_dir: Path, cache_d
         print(f"[spin_study] seed {seed} / {arm}: done ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
         return report
 
-    report = None
     controls: dict[tuple, list[dict[str, Any]]] = {}
+
+    def control_run(arm_cfg: DictConfig, steps: list[int], seed: int) -> list[dict[str, Any]]:
+        """The step-matched continued SFT of a run; arms that differ only in their loss or data share one."""
+        optim = arm_cfg.model.optim
+        key = (tuple(steps), optim.name, optim.lr, optim.weight_decay, arm_cfg.model.global_batch_size, seed)
+        if key not in controls:
+            controls[key] = study.run_sft_continued(start_model, arm_cfg, steps, seed)
+        return controls[key]
+
+    report = None
     for seed in seeds:
         for name in plan.spin_settings:
             setting = SETTINGS[name]
@@ -636,18 +670,17 @@ def run_seed_study(plan: SeedPlan, seeds: Sequence[int], work_dir: Path, cache_d
             spin_cfg, iterations = study.run_spin(start_model, setting, seed)
             record(spin, f"SPIN, {setting.description}", seed, iterations)
             steps = [item["step"] for item in iterations]
-            optim = spin_cfg.model.optim
-            key = (tuple(steps), optim.name, optim.lr, optim.weight_decay, spin_cfg.model.global_batch_size, seed)
-            if key not in controls:  # settings that differ only in SPIN's loss or data share one control run
-                controls[key] = study.run_sft_continued(start_model, spin_cfg, steps, seed)
             description = f"continued SFT with spin[{name}]'s optimizer, batch and steps on chat_train.jsonl"
-            report = record(control, description, seed, controls[key])
-        pairs["dpo vs SFT on the chosen responses"] = ("dpo", "sft_chosen")
-        dpo_cfg, checkpoints = study.run_dpo(start_model, plan.dpo_checkpoint_steps, seed)
-        record("dpo", "DPO on dpo_train.jsonl (DPO_OVERRIDES)", seed, checkpoints)
-        steps = [item["step"] for item in checkpoints]
-        description = "continued SFT on the chosen responses (chat_train.jsonl) with DPO's optimizer, batch, steps"
-        report = record("sft_chosen", description, seed, study.run_sft_continued(start_model, dpo_cfg, steps, seed))
+            report = record(control, description, seed, control_run(spin_cfg, steps, seed))
+        for name in plan.dpo_settings:
+            setting = DPO_SETTINGS[name]
+            dpo, control = f"dpo[{name}]", f"sft_chosen[{name}]"
+            pairs[f"dpo[{name}] vs step-matched SFT on the chosen responses"] = (dpo, control)
+            dpo_cfg, checkpoints = study.run_dpo(start_model, setting, plan.dpo_checkpoint_steps, seed)
+            record(dpo, f"DPO on dpo_train.jsonl, {setting.description}", seed, checkpoints)
+            steps = [item["step"] for item in checkpoints]
+            description = f"continued SFT on the chosen responses (chat_train.jsonl) with dpo[{name}]'s optimizer"
+            report = record(control, description, seed, control_run(dpo_cfg, steps, seed))
     return report
 
 
