@@ -569,7 +569,7 @@ def compare(treatment: dict[int, list[dict]], control: dict[int, list[dict]]) ->
                     "pairs": len(pairs),
                     "treatment_only_correct": treatment_only,
                     "control_only_correct": control_only,
-                    "p": round(exact_mcnemar_p(treatment_only, control_only), 4),
+                    "p": float(f"{exact_mcnemar_p(treatment_only, control_only):.3g}"),
                 },
             }
         )
