@@ -30,8 +30,8 @@ its McNemar p is below 0.05 / 8 (Bonferroni over the five SPIN and three DPO set
 every seed's difference is positive. Other checkpoints' p-values are reported, not used to decide.
 
 The JSON is rewritten after every run (a run cut short keeps its finished seeds). On 2 CPU cores shared with
-other work (``--threads 1``) the 3-seed study took the minutes recorded in its ``runtime_seconds``, plus training
-the 2000-step start model once (about 5 minutes).
+other work (``--threads 1``) the 3-seed study took 18 minutes (``runtime_seconds``), plus 6 minutes to train the
+2000-step start model once.
 
 **The single-seed sweep** (no ``--seeds``): on 2 shared CPU cores it took 17 minutes, 12 of them training the four
 SFT start models (cached in ``--cache_dir`` and reused by later runs, which then take about 5 minutes).
