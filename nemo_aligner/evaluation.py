@@ -144,25 +144,34 @@ def generate_responses(
     return results
 
 
-def exact_match_accuracy(model: MegatronGPTModel, file_path: str, data_cfg: Mapping[str, Any], **kwargs) -> dict:
+def exact_match_accuracy(
+    model: MegatronGPTModel, file_path: str, data_cfg: Mapping[str, Any], per_sample: bool = False, **kwargs
+) -> dict:
     """Greedy exact-match accuracy on the first ``max_samples`` prompts (all by default) of an SFT/chat jsonl.
 
     Arguments as :func:`greedy_predictions`. Returns ``{"accuracy", "num_samples", "per_task": {task: {"accuracy",
-    "num_samples"}}}``, the task taken from each jsonl line's ``task`` key (``"unknown"`` when absent).
+    "num_samples"}}}``, the task taken from each jsonl line's ``task`` key (``"unknown"`` when absent); with
+    ``per_sample`` also ``"correct"``: one bool per sample in file order (for paired tests between models).
     """
+    samples = [
+        (record.get("task", UNKNOWN_TASK), exact_match(prediction, truth))
+        for record, prediction, truth in greedy_predictions(model, file_path, data_cfg, **kwargs)
+    ]
     correct: dict[str, list[bool]] = defaultdict(list)
-    for record, prediction, truth in greedy_predictions(model, file_path, data_cfg, **kwargs):
-        correct[record.get("task", UNKNOWN_TASK)].append(exact_match(prediction, truth))
-    count = sum(len(values) for values in correct.values())
-    hits = sum(sum(values) for values in correct.values())
-    return {
-        "accuracy": hits / count if count else 0.0,
-        "num_samples": count,
+    for task, hit in samples:
+        correct[task].append(hit)
+    hits = sum(hit for _, hit in samples)
+    result = {
+        "accuracy": hits / len(samples) if samples else 0.0,
+        "num_samples": len(samples),
         "per_task": {
             task: {"accuracy": sum(values) / len(values), "num_samples": len(values)}
             for task, values in sorted(correct.items())
         },
     }
+    if per_sample:
+        result["correct"] = [hit for _, hit in samples]
+    return result
 
 
 def judge_accuracy(

@@ -15,6 +15,7 @@ every library keeps configured special tokens (BOS/EOS/pad and chat markers such
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from abc import ABC, abstractmethod
@@ -628,7 +629,8 @@ def nemo_tokenizer_config(
     :func:`build_tokenizer` does from it. Where NeMo cannot, a :class:`NemoTokenizerWarning` says why
     (``docs/checkpoints.md``, "Restoring our files in NVIDIA NeMo"):
 
-    - ``byte-level`` with ``special_tokens``: NeMo reserves the same ids but encodes the strings as plain bytes;
+    - ``byte-level`` with ``special_tokens`` (an INFO log line, not a warning: same model in NeMo): NeMo reserves
+      the same ids but encodes the strings as plain bytes;
     - ``sentencepiece`` in legacy mode without a named ``eos_token``: NeMo's legacy tokenizer then has no eos id;
     - ``huggingface`` without a local tokenizer directory in ``type``: NeMo builds Hugging Face tokenizers only
       from ``type`` (a Hub id or a directory, never a file inside the ``.nemo``).
@@ -647,10 +649,14 @@ def nemo_tokenizer_config(
                 "eos_id fails (this library falls back to the model's own ids)"
             )
     elif library == "byte-level" and cfg.get("special_tokens"):
-        _warn_nemo(
-            f"tokenizer.special_tokens {cfg['special_tokens']}: NeMo's byte-level tokenizer reserves the same ids "
-            "but encodes these strings as plain bytes, so text holding them gets other token ids in NeMo (the "
-            "weights and logits for the same ids are unaffected)"
+        # A note, not a warning: NeMo restores the same model (same ids, same logits); only its encoding of text
+        # holding these strings differs. This is the embedded default's tokenizer, whose runs must not warn.
+        logging.getLogger(__name__).info(
+            "Writing a .nemo that NVIDIA NeMo would encode differently: tokenizer.special_tokens %s: NeMo's "
+            "byte-level tokenizer reserves the same ids but encodes these strings as plain bytes, so text holding "
+            "them gets other token ids in NeMo (the weights and logits for the same ids are unaffected; "
+            "docs/checkpoints.md)",
+            cfg["special_tokens"],
         )
     elif library == "huggingface":
         _huggingface_for_nemo(cfg, tokenizer, artifacts)

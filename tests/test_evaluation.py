@@ -79,6 +79,9 @@ def test_empty_answers_match_an_immediate_end_of_turn(end_token_model, tmp_path)
         "empty": {"accuracy": 1.0, "num_samples": 1},
         "unknown": {"accuracy": 1.0, "num_samples": 1},
     }
+    with_samples = exact_match_accuracy(end_token_model, path, DATA_CFG, per_sample=True, batch_size=2)
+    assert with_samples["correct"] == [True, False, True]  # file order, for paired tests between models
+    assert {k: v for k, v in with_samples.items() if k != "correct"} == result
 
 
 def test_exact_match_and_response_text_strip_the_end_of_turn():

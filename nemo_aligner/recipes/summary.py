@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nemo_aligner.utils.config import WARNINGS_LOGGER
 from nemo_aligner.utils.distributed import is_global_rank_zero
 
 logger = logging.getLogger(__name__)
@@ -26,17 +27,19 @@ def keep_console_log(log_dir: Path) -> Path | None:
     if not is_global_rank_zero():
         return None
     path = Path(log_dir) / CONSOLE_LOG
-    package_logger = logging.getLogger("nemo_aligner")
-    for handler in list(package_logger.handlers):  # an earlier run in this process wrote elsewhere
-        if getattr(handler, "nemo_aligner_console_log", False):
-            package_logger.removeHandler(handler)
-            handler.close()
+    loggers = [logging.getLogger("nemo_aligner"), logging.getLogger(WARNINGS_LOGGER)]  # Python warnings too
+    for each in loggers:
+        for handler in list(each.handlers):  # an earlier run in this process wrote elsewhere
+            if getattr(handler, "nemo_aligner_console_log", False):
+                each.removeHandler(handler)
+                handler.close()
     target = logging.FileHandler(path, encoding="utf-8", delay=True)
     target.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
     # flushLevel above CRITICAL: nothing is written before start_console_log; flushOnClose=False: nor at exit.
     handler = logging.handlers.MemoryHandler(10_000, logging.CRITICAL + 1, target, flushOnClose=False)
     handler.nemo_aligner_console_log = True
-    package_logger.addHandler(handler)
+    for each in loggers:
+        each.addHandler(handler)
     return path
 
 

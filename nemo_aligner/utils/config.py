@@ -60,8 +60,14 @@ class ProgressBarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+WARNINGS_LOGGER = "py.warnings"
+"""Where :func:`logging.captureWarnings` sends Python warnings: the entry scripts print them as log lines."""
+
+
 def configure_logging() -> None:
-    """``nemo_aligner`` messages at INFO on global rank 0 (WARNING elsewhere), on stderr, once per process."""
+    """``nemo_aligner`` messages at INFO on global rank 0 (WARNING elsewhere), on stderr, once per process. Python
+    warnings become log lines through the same handler, so a warning raised while the progress bar is drawn does
+    not land on the bar's line (where the bar's redraw would hide it)."""
     import os
 
     package_logger = logging.getLogger("nemo_aligner")
@@ -72,6 +78,8 @@ def configure_logging() -> None:
     handler.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s %(name)s] %(message)s", "%H:%M:%S"))
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.captureWarnings(True)
+    logging.getLogger(WARNINGS_LOGGER).addHandler(handler)
 
 
 def hydra_runner(config_path: str, config_name: str):

@@ -272,6 +272,7 @@ def test_hydra_full_error_still_shows_the_traceback(tmp_path):
     assert full.returncode != 0 and "Traceback" in full.stderr and "trainer.sft.max_steps: 0 would" in full.stderr
 
 
+@pytest.mark.slow  # kills and restarts whole processes
 def test_second_run_on_a_directory_fails_naming_the_first_and_a_killed_run_resumes(tmp_path):
     log_dir = tmp_path / "shared"
     command = [sys.executable, str(SCRIPTS / "train_gpt_sft.py"), "--config-name", "gpt_sft_tiny"]
@@ -309,6 +310,7 @@ def test_second_run_on_a_directory_fails_naming_the_first_and_a_killed_run_resum
     assert not (log_dir / "run.lock").exists()
 
 
+@pytest.mark.slow  # kills and restarts whole processes
 def test_ctrl_c_saves_at_the_step_boundary_and_a_finished_run_says_so(tmp_path):
     log_dir = tmp_path / "interrupted"
     steps = ["trainer.sft.max_steps=3", "trainer.sft.save_interval=100", *TINY_SFT]

@@ -1,7 +1,7 @@
 """The separate NVIDIA NeMo 2.5.0 virtual environment the interoperability tests run NeMo in.
 
-Built with `tests/fixtures/nemo_toolkit/setup_nemo_venv.sh` (3.1 GB; 2 minutes with pip's download cache, far
-longer when every wheel is downloaded) at most once per machine and recipe, then reused: it lives in the
+Built with `tests/fixtures/nemo_toolkit/setup_nemo_venv.sh` (3.1 GB; about 35 s: the script installs
+with uv, several minutes with pip) at most once per machine and recipe, then reused: it lives in the
 project's cache directory (`$NEMO_ALIGNER_CACHE`, default `~/.cache/nemo_aligner`, as for
 `scripts/build_tiny_base_model.py`) under a name holding the hash of the recipe files, or where `NEMO_VENV`
 points. A `READY` file inside it, written after the setup script's own import check passed, marks a complete
