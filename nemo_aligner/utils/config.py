@@ -132,12 +132,18 @@ def compose_config(config_dir: str | Path, config_name: str, overrides: Sequence
 
 
 def _without(overrides: Sequence[str], added: Sequence[str]) -> list[str]:
-    """The overrides that set keys the config file has (those of the added keys' subtrees left out too)."""
+    """The overrides that set keys the config file has (those of the added keys' subtrees left out too). Deletions
+    (``~key``) are left out as well: a key deleted then added again (``~model.optim.sched
+    +model.optim.sched.name=Constant``, NeMo's way to replace a section) is a key of the file."""
     from nemo_aligner.utils.config_keys import added_keys
 
     new_keys = added_keys(added)
     return [
-        o for o in overrides if o not in added and not any(o.split("=", 1)[0].startswith(k + ".") for k in new_keys)
+        o
+        for o in overrides
+        if o not in added
+        and not o.startswith("~")
+        and not any(o.split("=", 1)[0].startswith(k + ".") for k in new_keys)
     ]
 
 

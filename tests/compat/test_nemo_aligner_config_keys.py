@@ -148,10 +148,13 @@ def test_added_keys_that_are_read_compose_quietly(caplog):
                 "++model.apply_rope_fusion=false",  # a model-config key the model reads
                 "+exp_manager.wandb_logger_kwargs.entity=team",  # passed on to W&B
                 "++model.data.skip_warmup=true",  # a NeMo-Aligner key (accepted; see NO_EFFECT)
+                "~model.optim.sched",  # a section replaced (NeMo's idiom): its keys stay known
+                "+model.optim.sched.name=Constant",
             ],
         )
     assert caplog.records == []
     assert cfg.model.micro_batch_size == 2 and cfg.model.apply_rope_fusion is False
+    assert dict(cfg.model.optim.sched) == {"name": "Constant"}
 
 
 def test_an_unknown_model_config_key_is_a_warning(caplog):
