@@ -158,8 +158,8 @@ def _config_name_and_overrides(argv: Sequence[str], default_name: str) -> tuple[
             name = arg.split("=", 1)[1]
         elif arg in ("--config-path", "-cp", "--config-dir", "-cd") and args:
             args.pop(0)
-        elif not arg.startswith(("-", "hydra")) and "=" in arg:  # Hydra's own settings are not config keys
-            overrides.append(arg)
+        elif not arg.startswith(("-", "hydra")) and ("=" in arg or arg.startswith("~")):  # ~key: a deletion
+            overrides.append(arg)  # (Hydra's own settings are not config keys)
     return name, overrides
 
 

@@ -169,6 +169,9 @@ def test_command_line_config_name_and_overrides():
     argv = ["--config-name", "gpt_spin_tiny", "a.b=1", "+c=2", "-m", "--config-path=x", "++d.e=f=g", "hydra.run.dir=."]
     assert _config_name_and_overrides(argv, "gpt_spin") == ("gpt_spin_tiny", ["a.b=1", "+c=2", "++d.e=f=g"])
     assert _config_name_and_overrides(["--config-name=gpt_sft_tiny"], "gpt_sft") == ("gpt_sft_tiny", [])
+    # A deletion has no "=" and must still reach the +key check, in its place (it changes what the file holds).
+    argv = ["~model.optim.sched", "+model.optim.sched.name=Constant"]
+    assert _config_name_and_overrides(argv, "gpt_sft") == ("gpt_sft", argv)
 
 
 # The defaults a ported command relies on (issue 15, point 4): equal to NeMo-Aligner's.
