@@ -17,6 +17,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -117,8 +118,11 @@ def build_optimizer(
         adam_beta2=float(betas[1]),
         adam_eps=float(optim_cfg.get("eps", 1e-8)),
         clip_grad=float(gradient_clip_val or 0.0),
-        bf16=transformer_config.bf16,
-        fp16=transformer_config.fp16,
+        # megatron's bf16/fp16 optimizer is for bf16/fp16 weights (megatron_amp_O2) and keeps fp32 master copies of
+        # them. Mixed precision without O2 has fp32 weights already (autocast computes in bf16): the fp32
+        # optimizer. (The float16 optimizer over fp32 weights trained, but could not write its checkpoint.)
+        bf16=transformer_config.params_dtype == torch.bfloat16,
+        fp16=transformer_config.params_dtype == torch.float16,
         params_dtype=transformer_config.params_dtype,
         use_distributed_optimizer=uses_distributed_optimizer(optim_cfg),
     )
