@@ -25,6 +25,8 @@ from typing import Any
 
 import sentencepiece
 
+logger = logging.getLogger(__name__)
+
 SUPPORTED_LIBRARIES = ("byte-level", "huggingface", "sentencepiece")
 NEMO_ARTIFACT_PREFIX = "nemo:"
 # Names NeMo's Hugging Face wrapper accepts in ``tokenizer.special_tokens``.
@@ -651,7 +653,7 @@ def nemo_tokenizer_config(
     elif library == "byte-level" and cfg.get("special_tokens"):
         # A note, not a warning: NeMo restores the same model (same ids, same logits); only its encoding of text
         # holding these strings differs. This is the embedded default's tokenizer, whose runs must not warn.
-        logging.getLogger(__name__).info(
+        logger.info(
             "Writing a .nemo that NVIDIA NeMo would encode differently: tokenizer.special_tokens %s: NeMo's "
             "byte-level tokenizer reserves the same ids but encodes these strings as plain bytes, so text holding "
             "them gets other token ids in NeMo (the weights and logits for the same ids are unaffected; "

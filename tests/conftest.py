@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -85,6 +88,25 @@ def tiny_model_cfg(**overrides) -> dict:
     cfg = copy.deepcopy(TINY_MODEL_CFG)
     cfg.update(overrides)
     return cfg
+
+
+@contextlib.contextmanager
+def captured_log(name: str, level: int | None = None) -> Iterator[list[logging.LogRecord]]:
+    """The records logger ``name`` handles meanwhile (for a module- or session-scoped fixture, where pytest's
+    function-scoped ``caplog`` is not available); ``level`` sets the logger's level for the time."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    target = logging.getLogger(name)
+    old_level = target.level
+    target.addHandler(handler)
+    if level is not None:
+        target.setLevel(level)
+    try:
+        yield records
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(old_level)
 
 
 def perturb_(model: torch.nn.Module, seed: int = 0) -> None:

@@ -175,6 +175,14 @@ def test_command_line_config_name_and_overrides():
 
 
 # The defaults a ported command relies on (issue 15, point 4): equal to NeMo-Aligner's.
+SPIN_PORTED_DEFAULTS = [
+    "trainer.precision",
+    "model.megatron_amp_O2",
+    "exp_manager.checkpoint_callback_params.save_top_k",
+    "model.optim.lr",
+    "model.optim.weight_decay",
+    "model.optim.sched.min_lr",
+]
 PORTED_DEFAULTS = {
     "sft": [
         "trainer.precision",
@@ -190,21 +198,9 @@ PORTED_DEFAULTS = {
         "exp_manager.checkpoint_callback_params.save_top_k",
     ],
     "dpo": ["trainer.precision", "model.megatron_amp_O2", "exp_manager.checkpoint_callback_params.save_top_k"],
-    "spin": [
-        "trainer.precision",
-        "model.megatron_amp_O2",
-        "exp_manager.checkpoint_callback_params.save_top_k",
-        "model.optim.lr",
-        "model.optim.weight_decay",
-        "model.optim.sched.min_lr",
-    ],
+    "spin": SPIN_PORTED_DEFAULTS,
     "self_rewarding": [
-        "trainer.precision",
-        "model.megatron_amp_O2",
-        "exp_manager.checkpoint_callback_params.save_top_k",
-        "model.optim.lr",
-        "model.optim.weight_decay",
-        "model.optim.sched.min_lr",
+        *SPIN_PORTED_DEFAULTS,
         "model.spin.log_prob_forward_micro_batch_size",
         "model.spin.normalise_prompt",
     ],

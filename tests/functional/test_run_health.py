@@ -9,9 +9,7 @@ the last checkpoint ends bit-exactly where a run that never met the last injecti
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import logging
 import os
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from nemo_aligner.checkpoint.nemo_file import open_nemo, read_torch_dist_tensors
 from nemo_aligner.checkpoint.trainer_checkpoint import STATE_DIR, list_checkpoints, read_trainer_state
 from nemo_aligner.utils.config import compose_config
 from nemo_aligner.utils.health import NonFiniteError
+from tests.conftest import captured_log
 from tests.cpu_fp32 import FP32
 from tests.functional.sft_runs import REPO, SCRIPTS, run_sft_subprocess
 from tests.functional.test_bad_inputs import CORPUS, repack
@@ -303,7 +302,7 @@ def test_second_run_on_a_directory_fails_naming_the_first_and_a_killed_run_resum
     from examples.nlp.gpt.train_gpt_sft import main
 
     overrides = [*command[4:], f"trainer.sft.max_steps={saved + 1}"]  # after script and --config-name
-    with _captured_log("nemo_aligner") as records:
+    with captured_log("nemo_aligner") as records:
         main(compose_config(SCRIPTS / "conf", "gpt_sft_tiny", overrides))
     assert any(f"Resumed at step {saved} " in r.getMessage() for r in records)
     assert read_trainer_state(list_checkpoints(log_dir / "checkpoints")[-1])["step"] == saved + 1
@@ -329,29 +328,10 @@ def test_ctrl_c_saves_at_the_step_boundary_and_a_finished_run_says_so(tmp_path):
     main(cfg.copy())
     assert read_trainer_state(list_checkpoints(log_dir / "checkpoints")[-1])["step"] == 3
     before = sorted(p.name for p in (log_dir / "checkpoints").iterdir())
-    with _captured_log("nemo_aligner") as records:
+    with captured_log("nemo_aligner") as records:
         main(cfg.copy())
     assert any("already finished: resumed at step 3 of max_steps=3" in r.getMessage() for r in records)
     assert sorted(p.name for p in (log_dir / "checkpoints").iterdir()) == before
-
-
-class _ListHandler(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def _captured_log(name):
-    handler = _ListHandler()
-    logging.getLogger(name).addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        logging.getLogger(name).removeHandler(handler)
 
 
 # ---------------------------------------------------------------------------------------------------------------

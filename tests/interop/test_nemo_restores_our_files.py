@@ -14,7 +14,6 @@ say.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import runpy
@@ -36,7 +35,7 @@ from transformers import (
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel
 from nemo_aligner.tokenizers import NemoTokenizerWarning
 from nemo_aligner.utils.config import compose_config
-from tests.conftest import NEMO_FIXTURES, perturb_, tiny_model_cfg
+from tests.conftest import NEMO_FIXTURES, captured_log, perturb_, tiny_model_cfg
 from tests.cpu_fp32 import FP32
 from tests.functional.test_bad_inputs import repack
 from tests.interop.nemo_venv import REPO, TOOLKIT, NemoVenvBuild, run_nemo
@@ -278,7 +277,8 @@ def compared(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     venv = NemoVenvBuild()  # in the background while the files are written
     root = tmp_path_factory.mktemp("our_nemo_files")
     try:
-        with warnings.catch_warnings(record=True) as caught, notes_logged() as notes:
+        notes = captured_log("nemo_aligner.tokenizers", logging.INFO)  # the byte-level note is a log line
+        with warnings.catch_warnings(record=True) as caught, notes as noted:
             warnings.simplefilter("always", NemoTokenizerWarning)
             files = {
                 **write_hf_conversions(root),
@@ -311,24 +311,8 @@ def compared(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
     assert done.returncode == 0, done.stderr[-5000:]
     theirs = torch.load(root / "nemo.pt", weights_only=False)
     warned = [str(w.message) for w in caught if issubclass(w.category, NemoTokenizerWarning)]
-    return {name: (ours[name], theirs[name]) for name in files} | {"_warnings": warned, "_notes": notes}
-
-
-@contextlib.contextmanager
-def notes_logged():
-    """The messages `nemo_aligner.tokenizers` logs while writing (the byte-level note is a log line)."""
-    notes: list[str] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: notes.append(record.getMessage())
-    tokenizer_logger = logging.getLogger("nemo_aligner.tokenizers")
-    level = tokenizer_logger.level
-    tokenizer_logger.addHandler(handler)
-    tokenizer_logger.setLevel(logging.INFO)
-    try:
-        yield notes
-    finally:
-        tokenizer_logger.removeHandler(handler)
-        tokenizer_logger.setLevel(level)
+    noted = [record.getMessage() for record in noted]
+    return {name: (ours[name], theirs[name]) for name in files} | {"_warnings": warned, "_notes": noted}
 
 
 KINDS = [
