@@ -231,6 +231,7 @@ class BaseTrainer:
         with self.progress_bar() as progress, PreemptionHandler() as preemption:
             self.evaluate_before_training()
             self.train_until(self.max_steps, progress, preemption)
+        mark_event("training_done")
         self.finish_evaluation()
         self.model.finish_training()
         if self.logger is not None:

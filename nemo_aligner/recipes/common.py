@@ -23,7 +23,7 @@ from megatron.core import parallel_state
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nemo_aligner.models.nlp.gpt.lora import load_lora_adapters, merge_lora_adapters, save_lora_adapters
-from nemo_aligner.utils.config import model_seed, register_resolvers
+from nemo_aligner.utils.config import freeze_long_lived_objects, model_seed, register_resolvers
 from nemo_aligner.utils.config_keys import apply_aliases, warn_no_effect
 from nemo_aligner.utils.config_validation import (
     ConfigChecker,
@@ -333,6 +333,7 @@ def train(run: Run, loop, after_fit: Callable[[], None] | None = None) -> None:
     from nemo_aligner.recipes.summary import finish_run, start_console_log
 
     start_console_log()
+    freeze_long_lived_objects()  # the model, the data and the tokenizer live until the run ends
     loop.fit()
     if after_fit is not None:
         after_fit()

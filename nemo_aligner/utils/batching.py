@@ -8,6 +8,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+COMPUTE_WIDTH_MULTIPLE = 16
+"""Trimmed and packed widths round up to this many tokens where the data sets no ``pad_length_to_multiple_of``.
+Every distinct width of a matrix product gets its own compiled CPU kernels (oneDNN caches them per shape, never
+freed): a width per batch cost ~2 MiB of resident memory each, ~130 MiB over the first 25 steps of a tiny DPO run
+(with 16: none after the first few steps, and the steps ~5% faster). GPUs' tensor cores prefer such widths too. At
+most 15 padding tokens per row, which no real token attends to."""
+
 
 def split_into_micro_batches(batch: Mapping[str, torch.Tensor], micro_batch_size: int) -> list[dict]:
     """Cut every tensor of ``batch`` (leading dimension = samples) into chunks of ``micro_batch_size``."""

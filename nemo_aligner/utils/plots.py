@@ -176,6 +176,8 @@ def plot_run(run_dir: Path, out_dir: Path | None = None, metrics: list[str] | No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image  # matplotlib's own image library
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "plots"
@@ -186,25 +188,28 @@ def plot_run(run_dir: Path, out_dir: Path | None = None, metrics: list[str] | No
     markers = sorted({step for name in ITERATION_MARKERS for step, _ in series.get(name, [])})
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    plotted = {}
-    for name, title, names in panels:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        _draw(ax, title, names, series, markers)
-        fig.tight_layout()
-        fig.savefig(out_dir / f"{name}.png", dpi=100)
-        plotted[name] = {"file": f"{name}.png", "title": title, "series": _drawn_series(ax)}
-        plt.close(fig)
-
+    # One figure, drawn once: overview.png is the whole of it, and each panel's own file is cut out of the same
+    # pixels (drawing every panel again in a figure of its own took twice as long: ~0.7 s at a run's end).
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
-    for ax, (_, title, names) in zip(axes.flat, panels):
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False, dpi=100)
+    plotted = {}
+    for ax, (name, title, names) in zip(axes.flat, panels):
         _draw(ax, title, names, series, markers)
+        plotted[name] = {"file": f"{name}.png", "title": title, "series": _drawn_series(ax)}
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(str(run_dir))
     fig.tight_layout()
-    fig.savefig(out_dir / "overview.png", dpi=80)
+    fig.canvas.draw()
+    pixels = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+    pixels.save(out_dir / "overview.png")
+    renderer = fig.canvas.get_renderer()
+    for ax, name in zip(axes.flat, plotted):
+        box = ax.get_tightbbox(renderer).padded(6)  # display pixels, origin at the bottom left
+        left, right = max(0, math.floor(box.x0)), min(pixels.width, math.ceil(box.x1))
+        top, bottom = max(0, pixels.height - math.ceil(box.y1)), min(pixels.height, pixels.height - math.floor(box.y0))
+        pixels.crop((left, top, right, bottom)).save(out_dir / f"{name}.png")
     plt.close(fig)
 
     summary = {"run_dir": str(run_dir), "overview": "overview.png", "iteration_markers": markers, "panels": plotted}

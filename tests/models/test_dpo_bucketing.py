@@ -79,5 +79,6 @@ def test_loss_and_metrics_equal_one_unsorted_micro_batch(model_and_batch):
         results[micro_batch_size] = model.get_loss_and_metrics(batch, forward_only=True)[1]
     assert results[2].keys() == results[6].keys()
     for key, value in results[6].items():
-        assert results[2][key] == pytest.approx(value, abs=1e-6), key
+        # Other widths (trimmed to multiples of 16) sum in another order: fp32 rounding, relative 1e-5 at most.
+        assert results[2][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert results[6]["loss"] > 0.01

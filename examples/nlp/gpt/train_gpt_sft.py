@@ -9,6 +9,11 @@ Any key of conf/gpt_sft.yaml can be overridden (Hydra syntax). ``main(cfg)`` run
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":
+    gc.disable()  # no cyclic collections while the imports load (~0.3 s); hydra_runner freezes them, then enables
+
 from omegaconf import DictConfig
 
 from nemo_aligner.recipes import sft

@@ -42,7 +42,12 @@ from nemo_aligner.models.nlp.gpt.reference import (
     CPUWeightSwapReference,
     build_reference_policy,
 )
-from nemo_aligner.utils.batching import length_bucketed_micro_batches, reduce_metric_sums, sequence_ends
+from nemo_aligner.utils.batching import (
+    COMPUTE_WIDTH_MULTIPLE,
+    length_bucketed_micro_batches,
+    reduce_metric_sums,
+    sequence_ends,
+)
 from nemo_aligner.utils.distributed import broadcast_from_last_pipeline_stage
 from nemo_aligner.utils.logprobs import shifted_logprobs
 
@@ -226,8 +231,8 @@ class MegatronGPTDPOModel(NeMoAlignerPreferenceAPI, MegatronGPTModel, Supervised
         keys = ("chosen", "rejected", "chosen_mask", "rejected_mask")
         return length_bucketed_micro_batches(pairs, micro_batch_size, lengths, keys, self._pad_multiple_of())
 
-    def _pad_multiple_of(self) -> int | None:
-        return (self.cfg.get("data") or {}).get("pad_length_to_multiple_of")
+    def _pad_multiple_of(self) -> int:
+        return (self.cfg.get("data") or {}).get("pad_length_to_multiple_of") or COMPUTE_WIDTH_MULTIPLE
 
     def _pairs_forward(self, model_chunk, micro_batch: dict) -> tuple[torch.Tensor, Callable]:
         """One forward over a micro batch of pairs: the chunk's output, and a function from logits to the
