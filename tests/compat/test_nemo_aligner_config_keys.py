@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
+from nemo_aligner.data.nlp.builders import build_collate
+from nemo_aligner.tokenizers import ByteLevelTokenizer
 from nemo_aligner.utils.config import _config_name_and_overrides, compose_config
 from nemo_aligner.utils.config_keys import NO_EFFECT, apply_aliases, key_paths, warn_no_effect
 from nemo_aligner.utils.config_validation import ConfigError
@@ -155,6 +157,14 @@ def test_added_keys_that_are_read_compose_quietly(caplog):
     assert caplog.records == []
     assert cfg.model.micro_batch_size == 2 and cfg.model.apply_rope_fusion is False
     assert dict(cfg.model.optim.sched) == {"name": "Constant"}
+
+
+def test_a_data_split_key_with_a_default_can_be_added():
+    # The SFT YAMLs leave pad_length_to_multiple_of out (its default is None); the collate reads it per split.
+    cfg = compose_config(CONF, "gpt_sft_tiny", ["++model.data.train_ds.pad_length_to_multiple_of=16"])
+    assert build_collate(cfg.model.data.train_ds, ByteLevelTokenizer()).pad_length_to_multiple_of == 16
+    with pytest.raises(ConfigError, match=r"model\.data\.train_ds\.pad_length_to_multiple_of: no code reads"):
+        compose_config(CONF, "gpt_dpo", ["++model.data.train_ds.pad_length_to_multiple_of=16"])  # DPO: data_prefix
 
 
 def test_an_unknown_model_config_key_is_a_warning(caplog):
