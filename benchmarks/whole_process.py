@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,6 @@ from benchmarks.common import (  # noqa: E402
     EMBEDDED,
     REPO,
     SHAPES,
-    build_models,
     default_trl_python,
     first_step_callback,
     read_jsonl,
@@ -134,7 +134,7 @@ class Arms:
 
     def __init__(self, cli: argparse.Namespace, work: Path, shape: str):
         self.cli, self.work, self.shape = cli, work, shape
-        self.hf_dir, self.nemo = build_models(work, shape)
+        self.hf_dir, self.nemo = build_models_in_a_child(work, shape)
         self.dpo_data = write_pairs(work / f"dpo_{cli.pairs}_0.jsonl", cli.pairs)
         self.sft_data = write_sft_examples(work / f"sft_{cli.sft_examples}.jsonl", cli.sft_examples)
 
@@ -159,6 +159,16 @@ class Arms:
             args = {**common, "data": str(self.sft_data), "out": str(run_dir)}
             return [cli.trl_python, str(Path(__file__).resolve()), "--sft_worker", json.dumps(args)], REPO
         raise ValueError(arm)
+
+
+def build_models_in_a_child(work: Path, shape: str) -> tuple[Path, Path]:
+    """:func:`build_models` in a child process, so that this one never holds torch or a model. On Linux a child's
+    peak RSS (``ru_maxrss``) starts at the RSS of the process it was forked from (the high-water mark before
+    ``exec`` is kept), so a parent that had built the 58M model (~620 MB) raised every smaller arm's peak to its own.
+    """
+    code = "import sys, pathlib, benchmarks.common as c; c.build_models(pathlib.Path(sys.argv[1]), sys.argv[2])"
+    subprocess.run([sys.executable, "-c", code, str(work), shape], cwd=REPO, check=True)
+    return work / f"hf_{shape}", work / f"llama_{shape}.nemo"
 
 
 def quickstart_command(arm: str, run_dir: Path, gpt: Path = GPT) -> tuple[list[str], Path]:
@@ -335,6 +345,10 @@ def main() -> None:
                     "parameters": SHAPES[shape].num_parameters(),
                 }
     result["machine"]["load_average_at_end"] = os.getloadavg()
+    # Every arm's peak RSS is at least this (see build_models_in_a_child): it must stay far below them.
+    result["machine"]["benchmark_process_peak_rss_mb"] = round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+    )
     write_json(result, cli.out)
 
 

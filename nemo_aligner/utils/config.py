@@ -92,9 +92,17 @@ def freeze_long_lived_objects() -> None:
     ends with its run. The imports alone leave ~500k objects, the loaded data more; each full collection walked
     them all (~50 ms each, several per run, and ~1 s of collections at the interpreter's exit). Frozen objects
     are still freed when their last reference goes; only a cycle among them would stay until the process ends, so
-    a run called in-process (``main(cfg)``, tests, users' pipelines) freezes nothing."""
-    if _process_ends_with_run:
+    a run called in-process (``main(cfg)``, tests, users' pipelines) freezes nothing, and neither does a job of a
+    Hydra multirun (``-m``: the next job runs in the same process) after the imports."""
+    if _process_ends_with_run and not _in_multirun_job():
         gc.freeze()
+
+
+def _in_multirun_job() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def hydra_runner(config_path: str, config_name: str):
