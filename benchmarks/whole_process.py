@@ -30,9 +30,10 @@ headline ratios are medians over rounds of ratios measured within a round:
   ``sft_trl`` (``SFTTrainer``, prompt-completion data: completion-only loss), the first ``--sft_examples`` lines of
   the embedded ``sft_train.jsonl`` (``"{input} {output}"`` + EOS), AdamW lr 1e-5 constant, no weight decay,
   clipping 1.0, one epoch, no validation.
-* ``quickstart``: the README quick start's command 1 in a fresh directory: ``train_gpt_sft.py`` (the embedded
-  default) then ``train_gpt_spin.py --config-name gpt_spin_tiny`` on its ``.nemo`` (three SPIN iterations).
-  No peer; its rounds give the run-to-run spread.
+* ``quickstart``: the README quick start's command 1 after its install, in a fresh directory:
+  ``train_gpt_sft.py --config-name gpt_sft_tiny`` (the embedded default), ``train_gpt_spin.py --config-name
+  gpt_spin_tiny`` on its ``.nemo`` (three SPIN iterations), then the before/after table
+  (``python -m nemo_aligner.evaluation``). No peer; its rounds give the run-to-run spread.
 
 Thread settings: ``default`` (nothing set: torch uses one thread per core) and ``1`` (``OMP_NUM_THREADS=1``).
 Models: the ``tiny`` and ``58m`` Llamas of ``benchmarks/common.py`` (the quick start has its own tiny model).
@@ -70,7 +71,7 @@ GPT = REPO / "examples" / "nlp" / "gpt"
 GROUPS = {
     "dpo": ("dpo_ours", "dpo_trl_default", "dpo_trl_precompute"),
     "sft": ("sft_ours", "sft_trl"),
-    "quickstart": ("quickstart_sft", "quickstart_spin"),
+    "quickstart": ("quickstart_sft", "quickstart_spin", "quickstart_table"),
 }
 KEYS = (
     "wall_s",
@@ -172,9 +173,12 @@ def build_models_in_a_child(work: Path, shape: str) -> tuple[Path, Path]:
 
 
 def quickstart_command(arm: str, run_dir: Path, gpt: Path = GPT) -> tuple[list[str], Path]:
-    """The quick start's command 1, its two halves, run in ``run_dir`` (where they write ``results/``)."""
+    """The quick start's command 1 after its install, in its three parts (SFT, SPIN, the before/after table), run
+    in ``run_dir`` (where they write and read ``results/``)."""
     if arm == "quickstart_sft":
-        return [sys.executable, str(gpt / "train_gpt_sft.py")], run_dir
+        return [sys.executable, str(gpt / "train_gpt_sft.py"), "--config-name", "gpt_sft_tiny"], run_dir
+    if arm == "quickstart_table":
+        return [sys.executable, "-m", "nemo_aligner.evaluation", "results/megatron_gpt_spin"], run_dir
     sft_nemo = run_dir / "results" / "megatron_gpt_sft" / "checkpoints" / "megatron_gpt_sft.nemo"
     restore = f"pretrained_checkpoint.restore_from_path={sft_nemo}"
     return [sys.executable, str(gpt / "train_gpt_spin.py"), "--config-name", "gpt_spin_tiny", restore], run_dir

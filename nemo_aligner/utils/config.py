@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import gc
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -98,6 +100,27 @@ def freeze_long_lived_objects() -> None:
         gc.freeze()
 
 
+@contextlib.contextmanager
+def _collector_of_a_command() -> Iterator[None]:
+    """The garbage collector of a command's process (``main()`` from the command line), which ends with the run:
+    the imports frozen (the entry scripts pause the collector while they import), the run's long-lived objects
+    frozen by the recipes before their loop, and at the end one collection while everything is alive (finalizers
+    that flush files still see their objects) and a freeze at exit, so the interpreter's teardown walks nothing
+    (~0.8 s with torch, megatron-core and Lightning loaded). A caller that goes on in the same process (a test
+    harness running the script in-process) gets its usual collector back."""
+    global _process_ends_with_run
+    _process_ends_with_run = True
+    freeze_long_lived_objects()
+    gc.enable()
+    try:
+        yield
+    finally:
+        _process_ends_with_run = False
+        gc.collect()  # cheap: what the imports and the recipe froze is not walked
+        gc.unfreeze()
+        atexit.register(gc.freeze)
+
+
 def _in_multirun_job() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -119,10 +142,6 @@ def hydra_runner(config_path: str, config_name: str):
                     return task(cfg)
             import hydra
 
-            global _process_ends_with_run
-            _process_ends_with_run = True
-            freeze_long_lived_objects()  # the imports
-            gc.enable()  # the entry scripts turn it off while they import
             caller_dir = Path(sys.modules[task.__module__].__file__).resolve().parent
             absolute = str((caller_dir / config_path).resolve())
             from nemo_aligner.utils.user_errors import exit_on_user_error
@@ -134,15 +153,11 @@ def hydra_runner(config_path: str, config_name: str):
             sys.argv = [*sys.argv, *HYDRA_DEFAULT_OVERRIDES]
 
             # A user error (bad key, data, checkpoint) ends the command with its message, not a traceback.
-            result = hydra.main(config_path=absolute, config_name=config_name, version_base=None)(
-                exit_on_user_error(released_on_exit()(task))
-            )()
-            mark_event("run_done")  # what follows is the interpreter's exit
-            # Collect once while everything is alive (finalizers that flush files still see their objects), then
-            # freeze: the interpreter's exit would otherwise walk every object in collection after collection as
-            # it tears the modules down (~0.8 s with torch, megatron-core and Lightning loaded).
-            gc.collect()
-            freeze_long_lived_objects()
+            with _collector_of_a_command():
+                result = hydra.main(config_path=absolute, config_name=config_name, version_base=None)(
+                    exit_on_user_error(released_on_exit()(task))
+                )()
+                mark_event("run_done")  # what follows is the interpreter's exit
             return result
 
         return wrapper

@@ -105,6 +105,9 @@ OTHER_KEYS_READ = frozenset(
     ("model.optim.eps", "model.optim.overlap_param_sync", "trainer.strategy", "model.peft.peft_scheme")
 )
 
+# Keys every data split (``model.data.<split>.<key>``) of SFT, SPIN and Self-Rewarding reads with a default
+# (``data/nlp/loading.py``'s ``SPLIT_DEFAULTS``) although NeMo-Aligner's YAMLs, and ours, leave them out.
+SPLIT_KEYS_READ = frozenset(("sep_id", "pad_length_to_multiple_of"))
 DATA_SPLITS = ("train_ds", "validation_ds", "test_ds")
 
 # Sections whose keys are passed on as they are (to W&B, the tokenizer, Hydra), so any key there is read.
@@ -168,17 +171,15 @@ def check_added_keys(base: DictConfig, overrides: Sequence[str]) -> None:
     """Report ``+``/``++`` keys that no code reads, against ``base`` (the config composed without them).
 
     A key of ``base`` (``++`` setting an existing key), of :data:`NO_EFFECT` or :data:`OTHER_KEYS_READ`, a data
-    split's key with a default (``model.data.train_ds.pad_length_to_multiple_of``), under an
+    split's key of :data:`SPLIT_KEYS_READ` (where the config has that split), under an
     :data:`OPEN_SECTIONS` section or read from a model config (:data:`MODEL_KEYS_READ`) is read. Any other key is a
     :class:`ConfigError` naming it and the known keys it is closest to, except a ``model.<key>`` with no close
     match, which a checkpoint's NeMo model config may hold: that one is a warning (no code here reads it).
     """
-    from nemo_aligner.data.nlp.loading import SPLIT_DEFAULTS  # keys every data split reads, with these defaults
-
     known = key_paths(OmegaConf.to_container(base, resolve=False))
     known |= set(NO_EFFECT) | OTHER_KEYS_READ | {f"model.{key}" for key in MODEL_KEYS_READ}
     splits = [split for split in DATA_SPLITS if OmegaConf.select(base, f"model.data.{split}") is not None]
-    known |= {f"model.data.{split}.{key}" for split in splits for key in SPLIT_DEFAULTS}
+    known |= {f"model.data.{split}.{key}" for split in splits for key in SPLIT_KEYS_READ}
     errors = []
     for key in added_keys(overrides):
         if key in known or key.startswith(OPEN_SECTIONS):

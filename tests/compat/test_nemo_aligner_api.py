@@ -258,7 +258,8 @@ def test_spin_in_nemo_aligner_call_order_trains_as_our_entry_script(tmp_path, un
         main(compose_config(SCRIPTS / "conf", "gpt_spin", overrides + SCALE_DOWN))
         runs[name] = losses(tmp_path / name)
     assert runs["theirs"][0] == pytest.approx(math.log(2), abs=1e-6)
-    assert runs["theirs"] == pytest.approx(runs["ours"], abs=1e-6) and len(runs["theirs"]) == 2
+    # Their collate pads batches differently, so the trimmed widths differ: equal up to fp32 rounding.
+    assert runs["theirs"] == pytest.approx(runs["ours"], rel=1e-5) and len(runs["theirs"]) == 2
     assert (tmp_path / "theirs" / "checkpoints" / "megatron_gpt_spin.nemo").is_file()
 
 

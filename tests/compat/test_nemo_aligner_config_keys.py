@@ -12,9 +12,10 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from nemo_aligner.data.nlp.builders import build_collate
+from nemo_aligner.data.nlp.loading import SPLIT_DEFAULTS
 from nemo_aligner.tokenizers import ByteLevelTokenizer
 from nemo_aligner.utils.config import _config_name_and_overrides, compose_config
-from nemo_aligner.utils.config_keys import NO_EFFECT, apply_aliases, key_paths, warn_no_effect
+from nemo_aligner.utils.config_keys import NO_EFFECT, SPLIT_KEYS_READ, apply_aliases, key_paths, warn_no_effect
 from nemo_aligner.utils.config_validation import ConfigError
 
 CONF = Path(__file__).resolve().parents[2] / "examples" / "nlp" / "gpt" / "conf"
@@ -157,6 +158,13 @@ def test_added_keys_that_are_read_compose_quietly(caplog):
     assert caplog.records == []
     assert cfg.model.micro_batch_size == 2 and cfg.model.apply_rope_fusion is False
     assert dict(cfg.model.optim.sched) == {"name": "Constant"}
+
+
+@pytest.mark.parametrize("name", ["gpt_sft", "gpt_spin", "gpt_self_rewarding"])
+def test_every_split_key_read_with_a_default_is_in_the_yaml_or_known(name):
+    cfg = compose_config(CONF, name, [])
+    for split in ("train_ds", "validation_ds"):
+        assert set(SPLIT_DEFAULTS) - set(cfg.model.data[split]) <= SPLIT_KEYS_READ, split
 
 
 def test_a_data_split_key_with_a_default_can_be_added():

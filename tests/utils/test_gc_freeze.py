@@ -1,11 +1,13 @@
 """The entry scripts' garbage-collector handling (``hydra_runner``, ``freeze_long_lived_objects``): paused while
 they import, back on with the imports frozen once the run starts, the run's long-lived objects frozen in a
-single-run process, nothing frozen in-process or in a Hydra multirun job (the next job reuses the process)."""
+single-run process, nothing frozen in-process or in a Hydra multirun job (the next job reuses the process), and
+everything unfrozen again for a caller that goes on after the script (a test harness)."""
 
 from __future__ import annotations
 
 import gc
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +78,14 @@ def test_in_process_runs_freeze_nothing():
     before = gc.get_freeze_count()
     config.freeze_long_lived_objects()
     assert gc.get_freeze_count() == before == 0
+
+
+def test_a_harness_running_the_script_in_process_gets_its_collector_back(tmp_path, monkeypatch, capsys):
+    # tests/docs/doc_commands.py runs the entry scripts this way (runpy, sys.argv patched).
+    _run(tmp_path)  # writes the script and its config
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "entry.py"), f"hydra.run.dir={tmp_path / 'run'}"])
+    runpy.run_path(str(tmp_path / "entry.py"), run_name="__main__")
+    job = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert job["after"] > job["frozen_at_start"] > 0  # frozen while it ran
+    assert gc.isenabled() and gc.get_freeze_count() == 0 and not config._process_ends_with_run
