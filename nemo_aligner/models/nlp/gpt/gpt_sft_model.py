@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from nemo_aligner.data.nlp.collate import padded_length
 from nemo_aligner.models.alignable_interface import SupervisedInterface
 from nemo_aligner.models.nlp.gpt.megatron_gpt_model import MegatronGPTModel, forward_tokens
-from nemo_aligner.utils.batching import reduce_metric_sums, split_into_micro_batches
+from nemo_aligner.utils.batching import COMPUTE_WIDTH_MULTIPLE, reduce_metric_sums, split_into_micro_batches
 from nemo_aligner.utils.logprobs import shifted_logprobs
 
 
@@ -19,6 +20,22 @@ def masked_token_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> tuple[t
     return -(logprobs * mask).sum(), mask.sum()
 
 
+def _at_compute_width(batch: dict, max_length: int | None) -> dict:
+    """``input_ids`` and ``loss_mask`` right-padded to a multiple of :data:`COMPUTE_WIDTH_MULTIPLE` (never past
+    ``max_length``, nor cut): the collate pads each batch to its own longest sample, and every new width costs CPU
+    kernels compiled and kept for that shape (batching.py). No real token attends to the padding (causal) and no
+    loss counts it (mask 0)."""
+    width = batch["input_ids"].shape[1]
+    extra = padded_length(width, COMPUTE_WIDTH_MULTIPLE, max(width, max_length or width)) - width
+    if extra == 0:
+        return batch
+    return {
+        **batch,
+        "input_ids": torch.nn.functional.pad(batch["input_ids"], (0, extra), value=0),
+        "loss_mask": torch.nn.functional.pad(batch["loss_mask"], (0, extra), value=0),
+    }
+
+
 class SFTLoss:
     """The SFT loss of a ``MegatronGPTModel``: the mean NLL over every scored (answer) token of the global batch.
 
@@ -26,7 +43,7 @@ class SFTLoss:
     """
 
     def sft_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
-        batch = self.to_model_device(batch)
+        batch = _at_compute_width(self.to_model_device(batch), self.cfg.get("encoder_seq_length"))
         micro_batch_size = self.cfg.get("micro_batch_size") or batch["input_ids"].shape[0]
         micro_batches = split_into_micro_batches(batch, micro_batch_size)
         outputs = self.forward_backward(
