@@ -217,8 +217,7 @@ class MegatronGPTModel(LightningModule):
         summed over the whole global batch (all micro batches and data-parallel ranks), so a step does not
         depend on the micro batch size or the number of data-parallel ranks.
         """
-        config = self.transformer_config
-        config.calculate_per_token_loss = True
+        config = self.transformer_config  # calculate_per_token_loss is set where it is built (model_config.py)
         ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config_for(optim_cfg), module=self.model)
         # A list keeps the wrapper out of this module's registered children (and out of its state dict).
         self.ddp_model_chunks = [ddp_model]

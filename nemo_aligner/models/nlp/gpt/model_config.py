@@ -115,6 +115,9 @@ def transformer_config_from_model_cfg(cfg: Mapping[str, Any], cpu_initialization
         fp16=precision.startswith("16"),
         autocast_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
         use_cpu_initialization=cpu_initialization,
+        # Every loss function here returns (sum, count): megatron's schedules must not divide the sum in place
+        # (its metrics share that tensor) before the optimizer is set up either (evaluation of a fresh model).
+        calculate_per_token_loss=True,
         attention_backend=AttnBackend.auto if _use_te(cfg) else AttnBackend.local,
         batch_p2p_comm=_get(cfg, "batch_p2p_comm", True),
         deallocate_pipeline_outputs=False,
