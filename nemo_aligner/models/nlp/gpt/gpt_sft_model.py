@@ -20,13 +20,13 @@ def masked_token_nll(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> tuple[t
     return -(logprobs * mask).sum(), mask.sum()
 
 
-def _at_compute_width(batch: dict, max_length: int | None) -> dict:
-    """``input_ids`` and ``loss_mask`` right-padded to a multiple of :data:`COMPUTE_WIDTH_MULTIPLE` (never past
-    ``max_length``, nor cut): the collate pads each batch to its own longest sample, and every new width costs CPU
-    kernels compiled and kept for that shape (batching.py). No real token attends to the padding (causal) and no
-    loss counts it (mask 0)."""
+def _at_compute_width(batch: dict, multiple_of: int, max_length: int | None) -> dict:
+    """``input_ids`` and ``loss_mask`` right-padded to a multiple of ``multiple_of`` (never past ``max_length``, nor
+    cut): the collate pads each batch to its own longest sample, and every new width costs CPU kernels compiled and
+    kept for that shape (:data:`COMPUTE_WIDTH_MULTIPLE`). No real token attends to the padding (causal) and no loss
+    counts it (mask 0)."""
     width = batch["input_ids"].shape[1]
-    extra = padded_length(width, COMPUTE_WIDTH_MULTIPLE, max(width, max_length or width)) - width
+    extra = padded_length(width, multiple_of, max(width, max_length or width)) - width
     if extra == 0:
         return batch
     return {
@@ -36,6 +36,14 @@ def _at_compute_width(batch: dict, max_length: int | None) -> dict:
     }
 
 
+def _width_multiple(cfg) -> int:
+    """The training split's ``pad_length_to_multiple_of`` where the data sets one (the collate pads to it, e.g. a
+    multiple of the tensor-parallel size for sequence parallelism), else :data:`COMPUTE_WIDTH_MULTIPLE`: the rule
+    of the DPO model's widths."""
+    train_ds = (cfg.get("data") or {}).get("train_ds") or {}
+    return train_ds.get("pad_length_to_multiple_of") or COMPUTE_WIDTH_MULTIPLE
+
+
 class SFTLoss:
     """The SFT loss of a ``MegatronGPTModel``: the mean NLL over every scored (answer) token of the global batch.
 
@@ -43,7 +51,8 @@ class SFTLoss:
     """
 
     def sft_loss_and_metrics(self, batch: dict, forward_only: bool) -> tuple[float, dict[str, float]]:
-        batch = _at_compute_width(self.to_model_device(batch), self.cfg.get("encoder_seq_length"))
+        batch = self.to_model_device(batch)
+        batch = _at_compute_width(batch, _width_multiple(self.cfg), self.cfg.get("encoder_seq_length"))
         micro_batch_size = self.cfg.get("micro_batch_size") or batch["input_ids"].shape[0]
         micro_batches = split_into_micro_batches(batch, micro_batch_size)
         outputs = self.forward_backward(
