@@ -5,7 +5,9 @@ tokenizer NeMo 2.5 would build for that config, so token ids match NeMo's exactl
 
 - ``byte-level``: NeMo's ``ByteLevelTokenizer`` (UTF-8 bytes, vocab 512, eos 0, pad 1, no BOS).
 - ``sentencepiece``: a SentencePiece ``.model`` file (``tokenizer.model``), honouring ``sentencepiece_legacy``.
-- ``huggingface``: a local ``tokenizer.json`` file or saved tokenizer directory; nothing is ever downloaded.
+- ``huggingface``: a local ``tokenizer.json`` file (or GPT-2 ``vocab.json`` + ``merges.txt``), run by the
+  ``tokenizers`` library alone, or a saved tokenizer directory, loaded with ``transformers``; nothing is ever
+  downloaded.
 
 The classes keep NeMo's ``TokenizerSpec`` method names so code ported from NeMo-Aligner runs unchanged. Beyond NeMo,
 every library keeps configured special tokens (BOS/EOS/pad and chat markers such as ``<extra_id_1>`` or
@@ -14,6 +16,7 @@ every library keeps configured special tokens (BOS/EOS/pad and chat markers such
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -29,17 +32,20 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_LIBRARIES = ("byte-level", "huggingface", "sentencepiece")
 NEMO_ARTIFACT_PREFIX = "nemo:"
-# Names NeMo's Hugging Face wrapper accepts in ``tokenizer.special_tokens``.
+# Names NeMo's Hugging Face wrapper accepts in ``tokenizer.special_tokens``, in the order it registers them: tokens
+# new to the vocabulary get ids in this order (NeMo 2.5's ``AutoTokenizer.__init__``).
 HF_SPECIAL_TOKEN_KEYS = (
-    "bos_token",
-    "eos_token",
-    "pad_token",
     "unk_token",
-    "sep_token",
-    "cls_token",
     "mask_token",
+    "pad_token",
+    "sep_token",
+    "eos_token",
+    "bos_token",
+    "cls_token",
     "additional_special_tokens",
 )
+# The single named tokens among them.
+NAMED_SPECIAL_TOKEN_KEYS = HF_SPECIAL_TOKEN_KEYS[:-1]
 GPT2_END_OF_TEXT = "<|endoftext|>"
 
 # A token is a string, except in the byte-level tokenizer where, as in NeMo, a plain byte's token is its value.
@@ -459,6 +465,129 @@ class HuggingFaceTokenizer(Tokenizer):
         """Added tokens (e.g. ``<|eot_id|>``) and the named special tokens."""
         return dict(self._special_token_ids)
 
+    @property
+    def named_special_tokens(self) -> dict[str, str]:
+        """``bos_token``, ``eos_token``, ... -> the token string, for the names that are set."""
+        named = ((key, getattr(self.tokenizer, key, None)) for key in NAMED_SPECIAL_TOKEN_KEYS)
+        return {key: str(token) for key, token in named if token is not None}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """The tokenizer as a ``transformers`` directory (``AutoTokenizer.from_pretrained`` reads it back)."""
+        self.tokenizer.save_pretrained(str(directory))
+
+
+class HuggingFaceJsonTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` run by the ``tokenizers`` library alone, without ``transformers``.
+
+    This is what a ``.nemo`` written by this library restores (its tokenizer travels as a ``tokenizer.json``), so
+    a run restoring one starts without importing ``transformers`` and building its tokenizer wrapper (0.66 s of
+    the tiny DPO benchmark's set-up, docs/performance.md). It behaves as :class:`HuggingFaceTokenizer` around ``PreTrainedTokenizerFast(
+    tokenizer_file=...)`` does (``tests/test_tokenizers.py`` compares the two with the installed transformers):
+    encoding adds no post-processor tokens and neither truncates nor pads; ``special_tokens`` are registered as
+    special added tokens (not normalized, no stripping), so each is one id, and get new ids when missing (a file
+    names no special token of its own, except a pad token in its padding settings, so NeMo's EOS-from-separator
+    and BOS-from-classifier fallbacks never apply); decoding maps ids to tokens, drops the named special tokens
+    when asked, and joins the rest with the file's decoder.
+    """
+
+    def __init__(self, backend: Any, special_tokens: Mapping[str, Any] | None = None) -> None:
+        from tokenizers import AddedToken
+
+        self.tokenizer = backend
+        requested = dict(special_tokens or {})
+        # A file that pads names its pad token, which transformers then registers as a special token.
+        if backend.padding is not None:
+            file_pad = str(backend.padding["pad_token"])
+            requested.setdefault("pad_token", file_pad)
+            if file_pad not in {t.content for t in backend.get_added_tokens_decoder().values()}:
+                backend.add_special_tokens([AddedToken(file_pad, normalized=False, special=True)])
+        backend.no_truncation()  # transformers' encode neither truncates nor pads unless asked
+        backend.no_padding()
+        self._named = {key: str(token) for key, token in requested.items() if key in NAMED_SPECIAL_TOKEN_KEYS}
+        # In the given order (build_tokenizer's is NeMo's): tokens new to the vocabulary get ids in this order.
+        ordered = (
+            [str(t) for t in token] if key == "additional_special_tokens" else [str(token)]
+            for key, token in requested.items()
+        )
+        self._all_special_tokens = list(dict.fromkeys(itertools.chain.from_iterable(ordered)))
+        if self._all_special_tokens:
+            backend.add_special_tokens(
+                [
+                    AddedToken(token, rstrip=False, lstrip=False, normalized=False, special=True)
+                    for token in self._all_special_tokens
+                ]
+            )
+        self._vocab: dict[str, int] = backend.get_vocab(with_added_tokens=True)
+        added = {token.content: i for i, token in backend.get_added_tokens_decoder().items()}
+        self._special_token_ids = added | {t: self._vocab[t] for t in self._all_special_tokens}
+
+    def text_to_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def text_to_tokens(self, text: str) -> list[Token]:
+        return self.tokenizer.encode(text, add_special_tokens=False).tokens
+
+    def ids_to_text(self, ids: Sequence[int], remove_special_tokens: bool = False) -> str:
+        tokens = self.ids_to_tokens(ids)
+        if remove_special_tokens:
+            special = set(self._all_special_tokens)
+            tokens = [t for t in tokens if t not in special]
+        decoder = self.tokenizer.decoder
+        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
+
+    def tokens_to_ids(self, tokens: Sequence[Token]) -> list[int]:
+        found = (self.tokenizer.token_to_id(token) for token in tokens)
+        return [self.unk_id if i is None else i for i in found]
+
+    def ids_to_tokens(self, ids: Sequence[int]) -> list[Token]:
+        return [self.tokenizer.id_to_token(i) for i in _as_id_list(ids)]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._vocab.get(token)
+
+    def _named_id(self, key: str) -> int | None:
+        token = self._named.get(key)
+        return None if token is None else self._vocab.get(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._named_id("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._named_id("eos_token")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._named_id("pad_token")
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._named_id("unk_token")
+
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        """Added tokens (e.g. ``<|eot_id|>``) and the named special tokens."""
+        return dict(self._special_token_ids)
+
+    @property
+    def named_special_tokens(self) -> dict[str, str]:
+        """``bos_token``, ``eos_token``, ... -> the token string, for the names that are set."""
+        return dict(self._named)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """The tokenizer as a ``transformers`` directory (``AutoTokenizer.from_pretrained`` reads it back); the
+        one place this class imports ``transformers``."""
+        from transformers import PreTrainedTokenizerFast
+
+        additional = [t for t in self._all_special_tokens if t not in self._named.values()]
+        extra = {"additional_special_tokens": additional} if additional else {}
+        PreTrainedTokenizerFast(tokenizer_object=self.tokenizer, **self._named, **extra).save_pretrained(str(directory))
+
 
 def _plain(value: Any) -> Any:
     """Plain dicts/lists from OmegaConf containers, so the checks below see ordinary Python types."""
@@ -496,7 +625,7 @@ def _existing_path(cfg: Mapping[str, Any], key: str, artifact_dir: str | Path | 
 
 def _hf_special_tokens(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """NeMo's ``tokenizer.special_tokens`` mapping (a list means additional special tokens), merged with the
-    top-level ``bos_token``/``eos_token``/``pad_token``/``unk_token`` keys."""
+    top-level ``bos_token``/``eos_token``/``pad_token``/``unk_token`` keys, in the order NeMo registers them."""
     raw = _plain(cfg.get("special_tokens")) or {}
     special = {"additional_special_tokens": raw} if isinstance(raw, list) else dict(raw)
     unknown = sorted(set(special) - set(HF_SPECIAL_TOKEN_KEYS))
@@ -511,7 +640,7 @@ def _hf_special_tokens(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if special.get(key, value) != value:
             raise ValueError(f"tokenizer.{key} ({value!r}) contradicts tokenizer.special_tokens.{key}")
         special[key] = value
-    return special
+    return {key: special[key] for key in HF_SPECIAL_TOKEN_KEYS if key in special}
 
 
 def _gpt2_bpe_tokenizer(vocab_file: Path, merge_file: Path) -> Any:
@@ -519,12 +648,11 @@ def _gpt2_bpe_tokenizer(vocab_file: Path, merge_file: Path) -> Any:
     the only Hugging Face format with a vocab/merges pair, so no hub name is needed to rebuild it."""
     from tokenizers import Tokenizer as BackendTokenizer
     from tokenizers import decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     backend = BackendTokenizer(models.BPE.from_file(str(vocab_file), str(merge_file)))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
+    return backend
 
 
 def _hf_source(cfg: Mapping[str, Any], artifact_dir: str | Path | None) -> tuple[str, Path]:
@@ -550,26 +678,30 @@ def _hf_source(cfg: Mapping[str, Any], artifact_dir: str | Path | None) -> tuple
     )
 
 
-def _build_huggingface(cfg: Mapping[str, Any], artifact_dir: str | Path | None) -> HuggingFaceTokenizer:
-    """Load a Hugging Face tokenizer from local files only."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+def _build_huggingface(cfg: Mapping[str, Any], artifact_dir: str | Path | None) -> Tokenizer:
+    """Load a Hugging Face tokenizer from local files only: a ``tokenizer.json`` (or vocab + merges) with the
+    ``tokenizers`` library, a saved directory (whose ``tokenizer_config.json`` may name a class with its own
+    behaviour) with ``transformers``' ``AutoTokenizer``."""
     special = _hf_special_tokens(cfg)
     if cfg.get("merge_file") is not None:
         vocab_file = _existing_path(cfg, "vocab_file", artifact_dir)
-        tokenizer = _gpt2_bpe_tokenizer(vocab_file, _existing_path(cfg, "merge_file", artifact_dir))
-        if GPT2_END_OF_TEXT in tokenizer.get_vocab():
+        backend = _gpt2_bpe_tokenizer(vocab_file, _existing_path(cfg, "merge_file", artifact_dir))
+        if backend.token_to_id(GPT2_END_OF_TEXT) is not None:
             for key in ("bos_token", "eos_token", "unk_token"):
                 special.setdefault(key, GPT2_END_OF_TEXT)
-        return HuggingFaceTokenizer(tokenizer, special)
+        return HuggingFaceJsonTokenizer(backend, special)
     key, path = _hf_source(cfg, artifact_dir)
     try:
         if path.is_dir():
+            from transformers import AutoTokenizer
+
             tokenizer = AutoTokenizer.from_pretrained(
                 str(path), local_files_only=True, use_fast=bool(cfg.get("use_fast", False))
             )
         else:
-            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
+            from tokenizers import Tokenizer as BackendTokenizer
+
+            return HuggingFaceJsonTokenizer(BackendTokenizer.from_file(str(path)), special)
     except Exception as err:
         raise ValueError(f"tokenizer.{key}: cannot load a Hugging Face tokenizer from {path}: {err}") from err
     return HuggingFaceTokenizer(tokenizer, special)
@@ -689,11 +821,10 @@ def _huggingface_for_nemo(cfg: dict[str, Any], tokenizer: Tokenizer, artifacts: 
         if (directory / "tokenizer.json").is_file() and cfg.get("model") is None:
             artifacts["model"] = str(directory / "tokenizer.json")
         # Named special tokens, so the tokenizer.json alone rebuilds them where the directory is gone.
-        hf = getattr(tokenizer, "tokenizer", None)
+        named = getattr(tokenizer, "named_special_tokens", {})
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            token = getattr(hf, key, None)
-            if isinstance(token, str) and cfg.get(key) is None:
-                cfg[key] = token
+            if key in named and cfg.get(key) is None:
+                cfg[key] = named[key]
         return
     if isinstance(source, str) and Path(source).expanduser().is_file():
         # A bare tokenizer.json travels under ``model``: NeMo would read ``type`` as a Hub id.

@@ -9,7 +9,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from nemo_aligner.tokenizers import build_tokenizer
+from nemo_aligner.tokenizers import HuggingFaceJsonTokenizer, HuggingFaceTokenizer, _hf_special_tokens, build_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nemo"
 FIXTURE_NAMES = ["tiny_gpt_ln_gelu_abs", "tiny_gpt_rms_swiglu_rope_gqa", "tiny_gpt_ln_swiglu_rope50"]
@@ -207,14 +207,24 @@ def _check_hf_round_trip(tokenizer) -> None:
     assert tokenizer.ids_to_text(ids) == CHAT_TEXT
     assert tokenizer.tokens_to_ids(tokenizer.text_to_tokens(CHAT_TEXT)) == ids
     assert tokenizer.ids_to_tokens(ids) == tokenizer.text_to_tokens(CHAT_TEXT)
-    # NeMo's AutoTokenizer wrapper encodes without the post-processor's BOS.
+    # NeMo's AutoTokenizer wrapper encodes without the post-processor's BOS (which transformers' default adds).
     plain = tokenizer.text_to_ids("Hello world")
-    assert tokenizer.tokenizer("Hello world")["input_ids"] == [0, *plain]
+    assert _transformers_fast(tokenizer)("Hello world")["input_ids"] == [0, *plain]
+
+
+def _transformers_fast(tokenizer):
+    """The transformers tokenizer of a HuggingFaceTokenizer, or one from the same tokenizer.json for the others."""
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tokenizer, HuggingFaceTokenizer):
+        return tokenizer.tokenizer
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer)
 
 
 def test_huggingface_tokenizer_json_with_config_keys(hf_files):
     cfg = {"library": "huggingface", "type": str(hf_files["json"]), "eos_token": "<|eot_id|>", "pad_token": "<pad>"}
     tokenizer = build_tokenizer(cfg)
+    assert isinstance(tokenizer, HuggingFaceJsonTokenizer)  # no transformers needed for a tokenizer.json
     _check_hf_round_trip(tokenizer)
     assert tokenizer.vocab_size == 300
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id) == (None, 1, 2, None)
@@ -292,3 +302,106 @@ def test_bad_special_tokens_are_rejected():
         build_tokenizer({"library": "byte-level", "special_tokens": {"eos_token": "<eos>"}})
     with pytest.raises(ValueError, match=r"tokenizer\.special_tokens"):
         build_tokenizer({"library": "byte-level", "special_tokens": ["<a>", "<a>"]})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tokenizer.json run by the tokenizers library alone behaves as transformers' PreTrainedTokenizerFast does
+# ---------------------------------------------------------------------------------------------------------------
+
+EQUIVALENCE_TEXTS = [
+    *HF_CORPUS,
+    CHAT_TEXT,
+    "",
+    "  two  spaces\tand a tab\n\nnewlines ",
+    "<pad><pad>x</s><s>y<unk> <new_eos>z<new_a><new_b>",
+    "UPPER lower MiXeD 12345 ünïcödé ½ ﬁ",
+]
+SPECIAL_CONFIGS = {
+    "none": {},
+    "named_existing_and_new": {"eos_token": "<|eot_id|>", "pad_token": "<new_pad>", "unk_token": "<unk>"},
+    "new_ids_in_nemos_order": {
+        "eos_token": "<new_eos>",
+        "additional_special_tokens": ["<new_a>", "<new_b>"],
+        "bos_token": "<s>",
+    },
+    "separator_and_classifier_fallbacks": {"sep_token": "</s>", "cls_token": "<s>"},
+}
+
+
+def _backend_files(directory: Path, bpe_json: Path) -> dict[str, Path]:
+    """tokenizer.json files of three families: byte-level BPE with a post-processor (Llama 3 / GPT-2 style), a
+    lower-casing WordLevel with no decoder, truncation and padding set in the file, and a Metaspace (SentencePiece
+    style) BPE with its decoder."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    word_level = Tokenizer(
+        models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "the", "end", "x", "y"])}, "<unk>")
+    )
+    word_level.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level.enable_truncation(max_length=4)
+    word_level.enable_padding(length=16, pad_id=0, pad_token="<unk>")
+    word_level.save(str(directory / "word_level.json"))
+
+    metaspace = Tokenizer(models.BPE(unk_token="<unk>"))
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace()
+    metaspace.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    metaspace.train_from_iterator(HF_CORPUS + EQUIVALENCE_TEXTS, trainer)
+    metaspace.save(str(directory / "metaspace.json"))
+    return {
+        "byte_level_bpe": bpe_json,
+        "word_level": directory / "word_level.json",
+        "metaspace": directory / "metaspace.json",
+    }
+
+
+def _observed(tokenizer) -> dict:
+    """Everything the library reads from a tokenizer, over EQUIVALENCE_TEXTS."""
+    ids = [tokenizer.text_to_ids(text) for text in EQUIVALENCE_TEXTS]
+    return {
+        "ids": ids,
+        "tokens": [tokenizer.text_to_tokens(text) for text in EQUIVALENCE_TEXTS],
+        "text": [tokenizer.ids_to_text(i) for i in ids],
+        "text_without_special": [tokenizer.ids_to_text(i, remove_special_tokens=True) for i in ids],
+        "tokens_to_ids": [tokenizer.tokens_to_ids([*tokenizer.ids_to_tokens(i), "never-a-token"]) for i in ids],
+        "token_to_id": [tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<new_a>", "the", "never-a-token")],
+        "named_ids": (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id),
+        "vocab_size": tokenizer.vocab_size,
+        "special_token_ids": tokenizer.special_token_ids,
+        "named_special_tokens": tokenizer.named_special_tokens,
+    }
+
+
+@pytest.mark.parametrize("special", SPECIAL_CONFIGS.values(), ids=SPECIAL_CONFIGS.keys())
+def test_tokenizer_json_behaves_as_transformers(hf_files, tmp_path, special):
+    """The independent expectation is the class this one replaced for tokenizer.json files: transformers'
+    ``PreTrainedTokenizerFast(tokenizer_file=...)`` in :class:`HuggingFaceTokenizer`."""
+    from transformers import PreTrainedTokenizerFast
+
+    for family, path in _backend_files(tmp_path, hf_files["json"]).items():
+        cfg = {"library": "huggingface", "type": str(path), "special_tokens": special}
+        ours = build_tokenizer(cfg)
+        assert isinstance(ours, HuggingFaceJsonTokenizer)
+        expected = HuggingFaceTokenizer(PreTrainedTokenizerFast(tokenizer_file=str(path)), _hf_special_tokens(cfg))
+        assert _observed(ours) == _observed(expected), family
+
+
+def test_new_special_tokens_get_ids_in_nemos_order(hf_files):
+    """NeMo's AutoTokenizer registers unk, mask, pad, sep, eos, bos, cls, then the additional tokens, whatever the
+    config's order; the BPE has 300 ids, so the four new tokens get 300-303 in that order."""
+    special = SPECIAL_CONFIGS["new_ids_in_nemos_order"]  # eos, additional, bos
+    for tokenizer_type in (hf_files["json"], hf_files["dir"]):
+        tokenizer = build_tokenizer({"library": "huggingface", "type": str(tokenizer_type), "special_tokens": special})
+        ids = {token: tokenizer.token_to_id(token) for token in ("<new_eos>", "<s>", "<new_a>", "<new_b>")}
+        assert ids == {"<new_eos>": 300, "<s>": 301, "<new_a>": 302, "<new_b>": 303}, tokenizer_type
+
+
+def test_tokenizer_json_saves_a_transformers_directory(hf_files, tmp_path):
+    """What the .nemo -> Hugging Face converter writes: AutoTokenizer reads it back with the same ids."""
+    special = SPECIAL_CONFIGS["new_ids_in_nemos_order"]
+    ours = build_tokenizer({"library": "huggingface", "type": str(hf_files["json"]), "special_tokens": special})
+    ours.save_pretrained(tmp_path / "saved")
+    restored = build_tokenizer({"library": "huggingface", "type": str(tmp_path / "saved")})
+    assert isinstance(restored, HuggingFaceTokenizer)
+    assert _observed(restored) == _observed(ours)

@@ -7,8 +7,12 @@ exactly these things, and nothing else in the project branches on the device:
 * the RNG-state tracker (``tensor_parallel.random``) keeps CPU generator states instead of CUDA ones;
 * ``torch.cuda.current_device()`` answers ``"cpu"``, ``torch.cuda.synchronize()`` is a no-op, and
   ``Tensor.cuda()`` / ``Tensor.pin_memory()`` return the CPU tensor;
+* the attention masks megatron's unfused softmax builds with ``device="cuda"`` (``get_default_causal_mask``,
+  ``get_sliding_window_causal_mask``) are built on the CPU, so the model's forward makes no CUDA request and runs
+  outside the function mode below (:func:`device_rewrites_suspended`: every torch call under the mode detours
+  through Python);
 * a :class:`torch.overrides.TorchFunctionMode` rewrites ``device="cuda"`` arguments of tensor factories
-  (the causal mask, optimizer scalars, schedule counters) to the CPU and answers ``Tensor.type()`` with the
+  (optimizer scalars, schedule counters) to the CPU and answers ``Tensor.type()`` with the
   CUDA type name that megatron's optimizers check for;
 
 On a GPU machine the function returns without touching anything. ``PATCHED_NAMES`` lists every megatron
@@ -18,9 +22,11 @@ name patched here; ``tests/utils/test_cpu_support.py`` fails loudly if an upgrad
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,6 +39,10 @@ PATCHED_NAMES: tuple[tuple[str, str], ...] = (
     ("megatron.core.tensor_parallel.random", "CudaRNGStatesTracker"),
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+    ("megatron.core.transformer.utils", "get_default_causal_mask"),
+    ("megatron.core.transformer.utils", "get_sliding_window_causal_mask"),
+    ("megatron.core.fusions.fused_softmax", "get_default_causal_mask"),
+    ("megatron.core.fusions.fused_softmax", "get_sliding_window_causal_mask"),
 )
 
 _FACTORIES = {
@@ -85,6 +95,18 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _causal_mask(sq: int) -> torch.Tensor:
+    """megatron's causal mask (True above the diagonal: masked), built on the CPU."""
+    return torch.ones(sq, sq, dtype=torch.bool).triu(diagonal=1)
+
+
+def _sliding_window_causal_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    """megatron's sliding-window mask (True outside the band of ``window_size`` (left, right) around the causal
+    diagonal of an ``[sq, skv]`` score matrix: masked), built on the CPU."""
+    band = torch.ones(sq, skv, dtype=torch.bool).triu(diagonal=skv - sq - window_size[0])
+    return ~band.tril(diagonal=skv - sq + window_size[1])
+
+
 def _make_cpu_tracker_class(base: type) -> type:
     class CpuRNGStatesTracker(base):
         """megatron's RNG tracker with CPU generator states (for dropout forks and seeding)."""
@@ -131,6 +153,18 @@ def device_rewrites_suspended():
         yield
 
 
+def with_device_rewrites_suspended(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` run inside :func:`device_rewrites_suspended` (a callback that megatron's schedule calls, such
+    as a micro batch's loss function)."""
+
+    @functools.wraps(function)
+    def suspended(*args, **kwargs):
+        with device_rewrites_suspended():
+            return function(*args, **kwargs)
+
+    return suspended
+
+
 # NEMO_ALIGNER_DEVICE=cpu makes a process compute on the CPU even where CUDA exists: the multi-process tests set it
 # when a machine has fewer GPUs than ranks (they then run over gloo, as on a machine without GPUs).
 DEVICE_ENV = "NEMO_ALIGNER_DEVICE"
@@ -170,6 +204,12 @@ def apply_cpu_support() -> bool:
         mcore_random.CudaRNGStatesTracker = _make_cpu_tracker_class(mcore_random.CudaRNGStatesTracker)
         mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
         mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+        from megatron.core.fusions import fused_softmax
+        from megatron.core.transformer import utils as mcore_transformer_utils
+
+        for module in (mcore_transformer_utils, fused_softmax):
+            module.get_default_causal_mask = _causal_mask
+            module.get_sliding_window_causal_mask = _sliding_window_causal_mask
 
         torch.cuda.current_device = lambda: "cpu"
         torch.cuda.synchronize = lambda *args, **kwargs: None

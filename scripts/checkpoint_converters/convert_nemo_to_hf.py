@@ -57,9 +57,8 @@ def _token_id(value: int | None) -> int | None:
 
 def write_tokenizer(model: MegatronGPTModel, output_dir: Path) -> None:
     """A Hugging Face tokenizer is saved with ``save_pretrained``; other tokenizers' files are copied as stored."""
-    hf_tokenizer = getattr(model.tokenizer, "tokenizer", None)
-    if hasattr(hf_tokenizer, "save_pretrained"):
-        hf_tokenizer.save_pretrained(str(output_dir))
+    if hasattr(model.tokenizer, "save_pretrained"):
+        model.tokenizer.save_pretrained(output_dir)
         return
     tokenizer_cfg = model.cfg.get("tokenizer") or {}
     files = [Path(tokenizer_cfg[key]) for key in ("model", "vocab_file", "merge_file") if tokenizer_cfg.get(key)]

@@ -69,3 +69,31 @@ def test_apply_cpu_support_is_idempotent():
     first = cpu_support.apply_cpu_support()
     assert cpu_support.apply_cpu_support() == first
     assert "apply_cpu_support" in inspect.getsource(start_process_group)  # every way a process group starts
+
+
+def _megatron_original(module_name: str, attribute: str):
+    """``module_name.attribute`` as megatron-core ships it: a fresh copy of the module's source, not the patched one."""
+    module = importlib.import_module(module_name)
+    spec = importlib.util.spec_from_file_location(f"_pristine_{module_name}", module.__file__)
+    pristine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pristine)
+    return getattr(pristine, attribute)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU masks themselves")
+def test_attention_masks_equal_megatrons_and_need_no_function_mode():
+    initialize_distributed()
+    from megatron.core.fusions import fused_softmax
+
+    causal = _megatron_original("megatron.core.transformer.utils", "get_default_causal_mask")
+    sliding = _megatron_original("megatron.core.transformer.utils", "get_sliding_window_causal_mask")
+    for sq in (1, 2, 7, 16):
+        expected = causal(sq)  # device="cuda": rewritten by the function mode
+        with cpu_support.device_rewrites_suspended():
+            assert torch.equal(fused_softmax.get_default_causal_mask(sq), expected)
+        for skv, window in ((sq, (3, 0)), (sq, (0, 0)), (sq + 5, (4, 2)), (sq, (-1, 0))):
+            expected = sliding(sq, skv, window)
+            with cpu_support.device_rewrites_suspended():
+                assert torch.equal(fused_softmax.get_sliding_window_causal_mask(sq, skv, window), expected)
+    with cpu_support.device_rewrites_suspended(), pytest.raises((RuntimeError, AssertionError)):
+        causal(4)  # outside the mode a CUDA request fails loudly on a machine without CUDA

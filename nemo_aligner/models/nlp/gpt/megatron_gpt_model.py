@@ -33,6 +33,7 @@ from nemo_aligner.models.nlp.gpt.model_config import layer_spec, transformer_con
 from nemo_aligner.tokenizers import Tokenizer, build_tokenizer
 from nemo_aligner.utils import mcore_compat
 from nemo_aligner.utils.config import model_seed
+from nemo_aligner.utils.cpu_support import device_rewrites_suspended, with_device_rewrites_suspended
 from nemo_aligner.utils.device import current_device, model_device, to_device
 from nemo_aligner.utils.distributed import is_global_rank_zero, require_model_parallel, seed_everything
 from nemo_aligner.utils.kill_points import kill_point
@@ -250,7 +251,10 @@ class MegatronGPTModel(LightningModule):
 
         def step_func(iterator, model):
             # Micro batches come from the CPU data loader: every tensor in them goes to the model's device here.
-            return forward_step(model, to_device(next(iterator), device))
+            batch = to_device(next(iterator), device)
+            with device_rewrites_suspended():  # the forward makes no CUDA request (cpu_support); GPUs: no-op
+                output, loss_func = forward_step(model, batch)
+            return output, with_device_rewrites_suspended(loss_func)
 
         with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             return get_forward_backward_func()(
