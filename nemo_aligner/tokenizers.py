@@ -16,6 +16,7 @@ every library keeps configured special tokens (BOS/EOS/pad and chat markers such
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -412,9 +413,13 @@ class HuggingFaceTokenizer(Tokenizer):
             requested["eos_token"] = tokenizer.sep_token
         if "bos_token" not in requested and tokenizer.bos_token is None and tokenizer.cls_token:
             requested["bos_token"] = tokenizer.cls_token
+        vocab_before = tokenizer.get_vocab()
         if requested:
             tokenizer.add_special_tokens(requested)
         self._vocab: dict[str, int] = tokenizer.get_vocab()
+        _note_new_special_tokens(
+            {t: self._vocab[t] for t in _special_token_list(requested) if t not in vocab_before and t in self._vocab}
+        )
         added = {token.content: i for i, token in tokenizer.added_tokens_decoder.items()}
         self._special_token_ids = added | {t: self._vocab[t] for t in tokenizer.all_special_tokens}
 
@@ -481,45 +486,42 @@ class HuggingFaceJsonTokenizer(Tokenizer):
 
     This is what a ``.nemo`` written by this library restores (its tokenizer travels as a ``tokenizer.json``), so
     a run restoring one starts without importing ``transformers`` and building its tokenizer wrapper (0.66 s of
-    the tiny DPO benchmark's set-up, docs/performance.md). It behaves as :class:`HuggingFaceTokenizer` around ``PreTrainedTokenizerFast(
-    tokenizer_file=...)`` does (``tests/test_tokenizers.py`` compares the two with the installed transformers):
-    encoding adds no post-processor tokens and neither truncates nor pads; ``special_tokens`` are registered as
-    special added tokens (not normalized, no stripping), so each is one id, and get new ids when missing (a file
-    names no special token of its own, except a pad token in its padding settings, so NeMo's EOS-from-separator
-    and BOS-from-classifier fallbacks never apply); decoding maps ids to tokens, drops the named special tokens
-    when asked, and joins the rest with the file's decoder.
+    the tiny DPO benchmark's set-up, docs/performance.md). It behaves as :class:`HuggingFaceTokenizer` around
+    ``PreTrainedTokenizerFast(tokenizer_file=...)`` does (``tests/test_tokenizers.py`` compares the two with the
+    installed transformers): encoding adds no post-processor tokens and neither truncates nor pads;
+    ``special_tokens`` are registered as special added tokens (not normalized, no stripping), so each is one id,
+    and get new ids when missing (a file names no special token of its own, except a pad token in its padding
+    settings, so NeMo's EOS-from-separator and BOS-from-classifier fallbacks never apply); decoding maps ids to
+    tokens, drops the named special tokens when asked, and joins the rest with the file's decoder.
     """
 
     def __init__(self, backend: Any, special_tokens: Mapping[str, Any] | None = None) -> None:
         from tokenizers import AddedToken
 
         self.tokenizer = backend
-        requested = dict(special_tokens or {})
-        # A file that pads names its pad token, which transformers then registers as a special token.
-        if backend.padding is not None:
+        configured = _special_token_list(special_tokens or {})
+        named = {key: str(token) for key, token in (special_tokens or {}).items() if key in NAMED_SPECIAL_TOKEN_KEYS}
+        # A file that pads names its pad token, which transformers registers once (unless the config names one).
+        self._file_settings = {"truncation": backend.truncation, "padding": backend.padding}
+        if backend.padding is not None and "pad_token" not in named:
             file_pad = str(backend.padding["pad_token"])
-            requested.setdefault("pad_token", file_pad)
+            named["pad_token"] = file_pad
             if file_pad not in {t.content for t in backend.get_added_tokens_decoder().values()}:
                 backend.add_special_tokens([AddedToken(file_pad, normalized=False, special=True)])
         backend.no_truncation()  # transformers' encode neither truncates nor pads unless asked
         backend.no_padding()
-        self._named = {key: str(token) for key, token in requested.items() if key in NAMED_SPECIAL_TOKEN_KEYS}
-        # In the given order (build_tokenizer's is NeMo's): tokens new to the vocabulary get ids in this order.
-        ordered = (
-            [str(t) for t in token] if key == "additional_special_tokens" else [str(token)]
-            for key, token in requested.items()
-        )
-        self._all_special_tokens = list(dict.fromkeys(itertools.chain.from_iterable(ordered)))
-        if self._all_special_tokens:
+        self._named = named
+        new = [token for token in configured if backend.token_to_id(token) is None]
+        if configured:
+            # In the given order (build_tokenizer's is NeMo's): tokens new to the vocabulary get ids in this order.
             backend.add_special_tokens(
-                [
-                    AddedToken(token, rstrip=False, lstrip=False, normalized=False, special=True)
-                    for token in self._all_special_tokens
-                ]
+                [AddedToken(token, rstrip=False, lstrip=False, normalized=False, special=True) for token in configured]
             )
+        self._all_special_tokens = list(dict.fromkeys([*named.values(), *configured]))
         self._vocab: dict[str, int] = backend.get_vocab(with_added_tokens=True)
         added = {token.content: i for i, token in backend.get_added_tokens_decoder().items()}
         self._special_token_ids = added | {t: self._vocab[t] for t in self._all_special_tokens}
+        _note_new_special_tokens({token: self._vocab[token] for token in new})
 
     def text_to_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -584,9 +586,36 @@ class HuggingFaceJsonTokenizer(Tokenizer):
         one place this class imports ``transformers``."""
         from transformers import PreTrainedTokenizerFast
 
+        backend = copy.deepcopy(self.tokenizer)  # with the file's own truncation and padding settings again
+        if self._file_settings["truncation"] is not None:
+            backend.enable_truncation(**self._file_settings["truncation"])
+        if self._file_settings["padding"] is not None:
+            backend.enable_padding(**self._file_settings["padding"])
         additional = [t for t in self._all_special_tokens if t not in self._named.values()]
         extra = {"additional_special_tokens": additional} if additional else {}
-        PreTrainedTokenizerFast(tokenizer_object=self.tokenizer, **self._named, **extra).save_pretrained(str(directory))
+        PreTrainedTokenizerFast(tokenizer_object=backend, **self._named, **extra).save_pretrained(str(directory))
+
+
+def _special_token_list(special_tokens: Mapping[str, Any]) -> list[str]:
+    """The strings of a special-tokens mapping (``additional_special_tokens`` flattened), in its order, once each."""
+    ordered = (
+        [str(t) for t in token] if key == "additional_special_tokens" else [str(token)]
+        for key, token in special_tokens.items()
+    )
+    return list(dict.fromkeys(itertools.chain.from_iterable(ordered)))
+
+
+def _note_new_special_tokens(new_ids: Mapping[str, int]) -> None:
+    """Say which ids configured special tokens new to the vocabulary got: with two or more, their order decides
+    which embedding row each one uses."""
+    if len(new_ids) < 2:
+        return
+    logger.warning(
+        "tokenizer: special tokens new to the vocabulary got the ids %s, in the order NVIDIA NeMo registers them "
+        "(unk, mask, pad, sep, eos, bos, cls, then additional_special_tokens); nemo_aligner before 2026-12-05 gave "
+        "new named tokens ids in the config's order (docs/checkpoints.md)",
+        dict(new_ids),
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -633,6 +662,7 @@ def _hf_special_tokens(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"tokenizer.special_tokens: unknown keys {unknown}; allowed: {', '.join(HF_SPECIAL_TOKEN_KEYS)}"
         )
+    special = {key: value for key, value in special.items() if value is not None}  # NeMo: null = not given
     for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
         value = cfg.get(key)
         if value is None:
@@ -640,6 +670,11 @@ def _hf_special_tokens(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if special.get(key, value) != value:
             raise ValueError(f"tokenizer.{key} ({value!r}) contradicts tokenizer.special_tokens.{key}")
         special[key] = value
+    for key, value in special.items():
+        values = value if key == "additional_special_tokens" else [value]
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+            wanted = "a list of non-empty strings" if key == "additional_special_tokens" else "a non-empty string"
+            raise ValueError(f"tokenizer.special_tokens.{key} must be {wanted}, got {value!r}")
     return {key: special[key] for key in HF_SPECIAL_TOKEN_KEYS if key in special}
 
 

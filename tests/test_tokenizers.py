@@ -314,6 +314,7 @@ EQUIVALENCE_TEXTS = [
     "",
     "  two  spaces\tand a tab\n\nnewlines ",
     "<pad><pad>x</s><s>y<unk> <new_eos>z<new_a><new_b>",
+    "a[pad]b a [PAD] b",
     "UPPER lower MiXeD 12345 ünïcödé ½ ﬁ",
 ]
 SPECIAL_CONFIGS = {
@@ -332,7 +333,7 @@ def _backend_files(directory: Path, bpe_json: Path) -> dict[str, Path]:
     """tokenizer.json files of three families: byte-level BPE with a post-processor (Llama 3 / GPT-2 style), a
     lower-casing WordLevel with no decoder, truncation and padding set in the file, and a Metaspace (SentencePiece
     style) BPE with its decoder."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     word_level = Tokenizer(
         models.WordLevel({w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "the", "end", "x", "y"])}, "<unk>")
@@ -349,10 +350,19 @@ def _backend_files(directory: Path, bpe_json: Path) -> dict[str, Path]:
     trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
     metaspace.train_from_iterator(HF_CORPUS + EQUIVALENCE_TEXTS, trainer)
     metaspace.save(str(directory / "metaspace.json"))
+
+    # Its padding names an added token that is normalized (lower-cased): transformers keeps that token as it is.
+    normalized_pad = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "a", "b", "[", "]"])}, "<unk>"))
+    normalized_pad.normalizer = normalizers.Lowercase()
+    normalized_pad.pre_tokenizer = pre_tokenizers.Whitespace()
+    normalized_pad.add_tokens([AddedToken("[PAD]", normalized=True, lstrip=True)])
+    normalized_pad.enable_padding(pad_id=normalized_pad.token_to_id("[PAD]"), pad_token="[PAD]")
+    normalized_pad.save(str(directory / "normalized_pad.json"))
     return {
         "byte_level_bpe": bpe_json,
         "word_level": directory / "word_level.json",
         "metaspace": directory / "metaspace.json",
+        "normalized_pad": directory / "normalized_pad.json",
     }
 
 
@@ -398,10 +408,43 @@ def test_new_special_tokens_get_ids_in_nemos_order(hf_files):
 
 
 def test_tokenizer_json_saves_a_transformers_directory(hf_files, tmp_path):
-    """What the .nemo -> Hugging Face converter writes: AutoTokenizer reads it back with the same ids."""
+    """What the .nemo -> Hugging Face converter writes: AutoTokenizer reads it back with the same ids, and the file's
+    truncation and padding settings are kept as transformers keeps them."""
+    from transformers import PreTrainedTokenizerFast
+
     special = SPECIAL_CONFIGS["new_ids_in_nemos_order"]
-    ours = build_tokenizer({"library": "huggingface", "type": str(hf_files["json"]), "special_tokens": special})
-    ours.save_pretrained(tmp_path / "saved")
-    restored = build_tokenizer({"library": "huggingface", "type": str(tmp_path / "saved")})
-    assert isinstance(restored, HuggingFaceTokenizer)
-    assert _observed(restored) == _observed(ours)
+    for family, path in _backend_files(tmp_path, hf_files["json"]).items():
+        ours = build_tokenizer({"library": "huggingface", "type": str(path), "special_tokens": special})
+        ours.save_pretrained(tmp_path / family)
+        restored = build_tokenizer({"library": "huggingface", "type": str(tmp_path / family)})
+        assert isinstance(restored, HuggingFaceTokenizer)
+        assert _observed(restored) == _observed(ours), family
+        theirs = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        theirs.add_special_tokens(dict(special))
+        theirs.save_pretrained(str(tmp_path / f"{family}_transformers"))
+        saved, expected = (
+            json.loads((tmp_path / name / "tokenizer.json").read_text()) for name in (family, f"{family}_transformers")
+        )
+        assert (saved["truncation"], saved["padding"]) == (expected["truncation"], expected["padding"]), family
+
+
+@pytest.mark.parametrize(
+    ("special_tokens", "message"),
+    [
+        ({"eos_token": 5}, r"special_tokens\.eos_token must be a non-empty string, got 5"),
+        ({"bos_token": ""}, r"special_tokens\.bos_token must be a non-empty string"),
+        ({"additional_special_tokens": "<eot>"}, r"additional_special_tokens must be a list of non-empty strings"),
+        ({"additional_special_tokens": ["<a>", None]}, r"additional_special_tokens must be a list"),
+    ],
+)
+def test_malformed_special_tokens_name_their_key(hf_files, special_tokens, message):
+    with pytest.raises(ValueError, match=message):
+        build_tokenizer({"library": "huggingface", "type": str(hf_files["json"]), "special_tokens": special_tokens})
+
+
+def test_a_null_special_token_is_not_given(hf_files):
+    """NeMo passes a null special token as not given; it must not become the text "None"."""
+    cfg = {"library": "huggingface", "type": str(hf_files["json"])}
+    tokenizer = build_tokenizer({**cfg, "special_tokens": {"bos_token": None, "eos_token": "<|eot_id|>"}})
+    assert _observed(tokenizer) == _observed(build_tokenizer({**cfg, "special_tokens": {"eos_token": "<|eot_id|>"}}))
+    assert tokenizer.token_to_id("None") is None and tokenizer.bos_id is None
