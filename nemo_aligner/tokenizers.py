@@ -413,15 +413,13 @@ class HuggingFaceTokenizer(Tokenizer):
             requested["eos_token"] = tokenizer.sep_token
         if "bos_token" not in requested and tokenizer.bos_token is None and tokenizer.cls_token:
             requested["bos_token"] = tokenizer.cls_token
-        vocab_before = tokenizer.get_vocab()
+        size_before = len(tokenizer)
         if requested:
             tokenizer.add_special_tokens(requested)
         self._vocab: dict[str, int] = tokenizer.get_vocab()
-        _note_new_special_tokens(
-            {t: self._vocab[t] for t in _special_token_list(requested) if t not in vocab_before and t in self._vocab}
-        )
         added = {token.content: i for i, token in tokenizer.added_tokens_decoder.items()}
         self._special_token_ids = added | {t: self._vocab[t] for t in tokenizer.all_special_tokens}
+        _note_new_special_tokens(added, size_before)
 
     def text_to_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -511,7 +509,7 @@ class HuggingFaceJsonTokenizer(Tokenizer):
         backend.no_truncation()  # transformers' encode neither truncates nor pads unless asked
         backend.no_padding()
         self._named = named
-        new = [token for token in configured if backend.token_to_id(token) is None]
+        size_before = backend.get_vocab_size(with_added_tokens=True)
         if configured:
             # In the given order (build_tokenizer's is NeMo's): tokens new to the vocabulary get ids in this order.
             backend.add_special_tokens(
@@ -521,7 +519,7 @@ class HuggingFaceJsonTokenizer(Tokenizer):
         self._vocab: dict[str, int] = backend.get_vocab(with_added_tokens=True)
         added = {token.content: i for i, token in backend.get_added_tokens_decoder().items()}
         self._special_token_ids = added | {t: self._vocab[t] for t in self._all_special_tokens}
-        _note_new_special_tokens({token: self._vocab[token] for token in new})
+        _note_new_special_tokens(added, size_before)
 
     def text_to_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -605,9 +603,11 @@ def _special_token_list(special_tokens: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(itertools.chain.from_iterable(ordered)))
 
 
-def _note_new_special_tokens(new_ids: Mapping[str, int]) -> None:
-    """Say which ids configured special tokens new to the vocabulary got: with two or more, their order decides
-    which embedding row each one uses."""
+def _note_new_special_tokens(added: Mapping[str, int], size_before: int) -> None:
+    """Say which ids configured special tokens new to the vocabulary got (the added tokens from ``size_before``
+    on, the vocabulary's size before they were registered): with two or more, their order decides which embedding
+    row each one uses."""
+    new_ids = {token: i for token, i in added.items() if i >= size_before}
     if len(new_ids) < 2:
         return
     logger.warning(

@@ -397,14 +397,23 @@ def test_tokenizer_json_behaves_as_transformers(hf_files, tmp_path, special):
         assert _observed(ours) == _observed(expected), family
 
 
-def test_new_special_tokens_get_ids_in_nemos_order(hf_files):
+def test_new_special_tokens_get_ids_in_nemos_order(hf_files, caplog):
     """NeMo's AutoTokenizer registers unk, mask, pad, sep, eos, bos, cls, then the additional tokens, whatever the
-    config's order; the BPE has 300 ids, so the four new tokens get 300-303 in that order."""
+    config's order; the BPE has 300 ids, so the four new tokens get 300-303 in that order, which a warning lists."""
     special = SPECIAL_CONFIGS["new_ids_in_nemos_order"]  # eos, additional, bos
+    expected = {"<new_eos>": 300, "<s>": 301, "<new_a>": 302, "<new_b>": 303}
     for tokenizer_type in (hf_files["json"], hf_files["dir"]):
+        caplog.clear()
         tokenizer = build_tokenizer({"library": "huggingface", "type": str(tokenizer_type), "special_tokens": special})
-        ids = {token: tokenizer.token_to_id(token) for token in ("<new_eos>", "<s>", "<new_a>", "<new_b>")}
-        assert ids == {"<new_eos>": 300, "<s>": 301, "<new_a>": 302, "<new_b>": 303}, tokenizer_type
+        assert {token: tokenizer.token_to_id(token) for token in expected} == expected, tokenizer_type
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1, tokenizer_type
+        assert all(f"{token!r}: {i}" in warnings[0] for token, i in expected.items()), warnings[0]
+        caplog.clear()  # one new token (and existing ones) decides no order: no warning
+        build_tokenizer(
+            {"library": "huggingface", "type": str(tokenizer_type), "special_tokens": {"eos_token": "<new>"}}
+        )
+        assert not [r for r in caplog.records if r.levelname == "WARNING"], tokenizer_type
 
 
 def test_tokenizer_json_saves_a_transformers_directory(hf_files, tmp_path):

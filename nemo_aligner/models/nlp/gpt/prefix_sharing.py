@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from megatron.core.utils import unwrap_model
 
+from nemo_aligner.data.nlp.collate import padded_length
 from nemo_aligner.utils.batching import sequence_ends
 from nemo_aligner.utils.logprobs import shifted_logprobs
 
@@ -111,9 +112,7 @@ def pack_pairs(micro_batch: Mapping[str, torch.Tensor], multiple_of: int | None 
                 torch.cat([torch.zeros(ce, dtype=rejected_mask.dtype, device="cpu"), rejected_mask[b, s:re_]]),
             )
         )
-    width = max(len(row[0]) for row in rows)
-    if multiple_of:
-        width = -(-width // multiple_of) * multiple_of
+    width = padded_length(max(len(row[0]) for row in rows), multiple_of, None)
     tokens, positions, segments, chosen_packed, rejected_packed = (
         torch.stack([_right_pad(row[i], width, pad) for row in rows])
         for i, pad in ((0, None), (1, None), (2, PADDING), (3, 0), (4, 0))
